@@ -1,0 +1,45 @@
+"""Helpers for checking numerical equivalence the way deployment bugs are actually caught.
+
+Default BatchNorm initialisation (mean 0, var 1, gamma 1, beta 0) makes a BN almost an
+identity and hides fusion bugs, so equivalence checks randomise the statistics first. Errors
+are reported *normalized* (max|a-b| / max|ref|) because absolute errors on randomly
+initialised deep nets span orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters, in place."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            c = module.num_features
+            with torch.no_grad():
+                module.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+                module.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+                if module.affine:
+                    module.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                    module.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+    return model
+
+
+def normalized_error(actual: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor,
+                     floor: float = 1e-12) -> float:
+    """max|actual - reference| / max|reference|, with the denominator floored.
+
+    The floor keeps the measure defined for all-zero references (a ReLU output can be).
+    """
+    a = np.asarray(actual.detach().cpu() if isinstance(actual, torch.Tensor) else actual,
+                   dtype=np.float64)
+    r = np.asarray(reference.detach().cpu() if isinstance(reference, torch.Tensor) else reference,
+                   dtype=np.float64)
+    if a.shape != r.shape:
+        raise ValueError(f"shape mismatch: {a.shape} vs reference {r.shape}")
+    if r.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - r)) / max(float(np.max(np.abs(r))), floor))
