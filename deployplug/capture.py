@@ -18,6 +18,7 @@ The normalized graph keeps exactly what a lowering needs:
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -145,7 +146,7 @@ def _as_tuple(x: Any) -> tuple[Any, ...]:
 
 
 def _op_name(target: Any) -> str:
-    if target is getattr(__import__("operator"), "getitem"):
+    if target is operator.getitem:
         return "getitem"
     packet = getattr(target, "overloadpacket", None)
     name = packet.__name__ if packet is not None else getattr(target, "__name__", str(target))

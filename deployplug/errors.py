@@ -76,3 +76,11 @@ class VerificationError(DeployError):
     def __init__(self, report: VerifyReport | Any):
         self.report = report
         super().__init__(f"verification failed:\n{report}")
+
+
+class InputShapeError(DeployError):
+    """The example input does not fit the model (wrong rank, channels or size)."""
+
+
+class OutputDirectoryError(DeployError):
+    """The artifact directory cannot be created or replaced."""

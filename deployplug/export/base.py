@@ -67,7 +67,9 @@ class Exporter(abc.ABC):
         """Write this format's files for ``model`` (eval mode, CPU, already target-legal)."""
 
     @abc.abstractmethod
-    def run(self, out_dir: Path, record: FormatRecord, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def run(
+        self, out_dir: Path, record: FormatRecord, inputs: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
         """Execute the written files in this format's runtime and return every output."""
 
     def first_divergence(

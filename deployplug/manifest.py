@@ -1,0 +1,145 @@
+"""``manifest.json``: what was exported, from what, with which tools, and whether it verified.
+
+The manifest is written last, so its presence means the directory is complete. It records
+each file's sha256 so a copied or tampered artifact can be told from the verified one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from deployplug.errors import ArtifactFormatError
+from deployplug.verify import VerifyReport
+
+MANIFEST_FILE = "manifest.json"
+_TRACKED_PACKAGES = ("deployplug", "torch", "pytorch-lightning", "onnx", "onnxruntime",
+                     "onnxscript", "opencv-python-headless", "protobuf", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_files(directory: Path, names: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"name": n, "bytes": (directory / n).stat().st_size, "sha256": sha256(directory / n)}
+        for n in names
+    ]
+
+
+@dataclass
+class Manifest:
+    """The record of one artifact directory (see :func:`deployplug.pipeline.export`)."""
+
+    dir: Path
+    formats: dict[str, dict[str, Any]]
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    stages: dict[str, bool]
+    tolerance: float
+    verification: VerifyReport | None
+    files: list[dict[str, Any]] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=package_versions)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """True only when verification ran and every artifact matched PyTorch."""
+        return self.verification is not None and self.verification.passed
+
+    def artifact(self, fmt: str) -> Path:
+        """The main file of a format (``model.onnx``, ``model.prototxt``, ``model.msnhnet``)."""
+        try:
+            return self.dir / self.formats[fmt]["files"][0]
+        except KeyError:
+            raise KeyError(f"no {fmt!r} artifact in {self.dir}; formats: {list(self.formats)}"
+                           ) from None
+
+    def metrics(self, prefix: str = "deploy") -> dict[str, float]:
+        """Flat numbers for loggers: ``deploy/<fmt>/max_error`` and ``deploy/<fmt>/passed``."""
+        out: dict[str, float] = {}
+        for fmt in self.formats:
+            if self.verification is None:
+                continue
+            out[f"{prefix}/{fmt}/max_error"] = self.verification.max_error(fmt)
+            out[f"{prefix}/{fmt}/passed"] = float(self.verification.format_passed(fmt))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "created": self.created,
+            "stages": self.stages,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "formats": self.formats,
+            "files": self.files,
+            "tolerance": self.tolerance,
+            "verification": None if self.verification is None else self.verification.to_dict(),
+            "versions": self.versions,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    def write(self) -> Path:
+        path = self.dir / MANIFEST_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        return path
+
+    def __str__(self) -> str:
+        lines = [f"deployplug artifacts in {self.dir}"]
+        lines.append(f"{'format':<10}{'target':<10}{'verified':<10}{'max error':>12}  files")
+        for fmt, rec in self.formats.items():
+            ok = "-" if self.verification is None else (
+                "yes" if self.verification.format_passed(fmt) else "NO")
+            err = "" if self.verification is None else f"{self.verification.max_error(fmt):.3e}"
+            lines.append(f"{fmt:<10}{rec['target']:<10}{ok:<10}{err:>12}  "
+                         + ", ".join(rec["files"]))
+        stages = ", ".join(k for k, v in self.stages.items() if v) or "none"
+        lines.append(f"stages: {stages}; tolerance {self.tolerance:g}; "
+                     f"result: {'PASSED' if self.passed else 'FAILED'}")
+        return "\n".join(lines)
+
+
+def load_manifest(directory: Path) -> Manifest:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtifactFormatError(
+            f"{path} not found: not a deployplug artifact directory (or an export did not finish)"
+        )
+    data = json.loads(path.read_text())
+    verification = data.get("verification")
+    return Manifest(
+        dir=Path(directory),
+        formats=data["formats"],
+        inputs=data["inputs"],
+        outputs=data["outputs"],
+        stages=data["stages"],
+        tolerance=data["tolerance"],
+        verification=None if verification is None else VerifyReport.from_dict(verification),
+        files=data.get("files", []),
+        versions=data.get("versions", {}),
+        created=data.get("created", ""),
+        extra=data.get("extra", {}),
+    )

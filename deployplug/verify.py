@@ -1,0 +1,258 @@
+"""Run every artifact in its runtime and compare it with PyTorch on the same inputs.
+
+The artifact directory keeps the verification inputs and PyTorch's outputs
+(``reference.npz``), so a directory can be re-checked later without the model. With a model,
+the artifacts are also compared against fresh PyTorch outputs, on the recorded inputs and on
+new ones (random, or real batches the caller passes).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deployplug.errors import ArtifactFormatError, VerificationError
+from deployplug.export import get_exporter
+from deployplug.export.base import FormatRecord
+from deployplug.testing import normalized_error
+
+if TYPE_CHECKING:
+    from deployplug.manifest import Manifest
+
+REFERENCE_FILE = "reference.npz"
+DEFAULT_TOLERANCE = 1e-5
+
+
+@dataclass
+class Comparison:
+    """One artifact output against one PyTorch output, on one input sample."""
+
+    format: str
+    source: str  # "recorded" (reference.npz) or "model" (fresh PyTorch outputs)
+    sample: int
+    output: int
+    shape: list[int]
+    max_abs: float
+    normalized: float
+    passed: bool
+
+
+@dataclass
+class VerifyReport:
+    """Per-format verdicts; ``passed`` only when every comparison passed and nothing failed."""
+
+    tolerance: float
+    comparisons: list[Comparison] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # format -> why it could not run
+    divergence: dict[str, str] = field(default_factory=dict)  # format -> first diverging layer
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures and bool(self.comparisons) and all(
+            c.passed for c in self.comparisons
+        )
+
+    def formats(self) -> list[str]:
+        seen = [c.format for c in self.comparisons] + list(self.failures)
+        return list(dict.fromkeys(seen))
+
+    def format_passed(self, fmt: str) -> bool:
+        rows = [c for c in self.comparisons if c.format == fmt]
+        return fmt not in self.failures and bool(rows) and all(c.passed for c in rows)
+
+    def max_error(self, fmt: str) -> float:
+        """Worst normalized error of one format (``inf`` when it could not run)."""
+        rows = [c.normalized for c in self.comparisons if c.format == fmt]
+        return max(rows) if rows and fmt not in self.failures else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "tolerance": self.tolerance,
+            "formats": {
+                f: {"passed": self.format_passed(f), "max_error": _json_float(self.max_error(f))}
+                for f in self.formats()
+            },
+            "comparisons": [asdict(c) for c in self.comparisons],
+            "failures": dict(self.failures),
+            "divergence": dict(self.divergence),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VerifyReport:
+        return cls(
+            tolerance=data["tolerance"],
+            comparisons=[Comparison(**c) for c in data.get("comparisons", [])],
+            failures=dict(data.get("failures", {})),
+            divergence=dict(data.get("divergence", {})),
+        )
+
+    def __str__(self) -> str:
+        header = f"{'format':<10}{'source':<10}{'sample':>7}{'output':>7}  {'shape':<20}"
+        header += f"{'max abs':>12}{'normalized':>13}  verdict"
+        lines = [f"verification (normalized tolerance {self.tolerance:g})", header]
+        for c in self.comparisons:
+            lines.append(
+                f"{c.format:<10}{c.source:<10}{c.sample:>7}{c.output:>7}  {str(c.shape):<20}"
+                f"{c.max_abs:>12.3e}{c.normalized:>13.3e}  {'ok' if c.passed else 'MISMATCH'}"
+            )
+        for fmt, why in self.failures.items():
+            lines.append(f"{fmt:<10}FAILED to run: {why}")
+        for fmt, where in self.divergence.items():
+            lines.append(f"{fmt:<10}first diverging layer: {where}")
+        lines.append("result: " + ("PASSED" if self.passed else "FAILED"))
+        return "\n".join(lines)
+
+
+def _json_float(x: float) -> float | None:
+    return None if not np.isfinite(x) else float(x)
+
+
+# ----------------------------------------------------------------------------- reference file
+def save_reference(path: Path, samples: Sequence[Sequence[np.ndarray]],
+                   outputs: Sequence[Sequence[np.ndarray]]) -> None:
+    """Store input samples and PyTorch's outputs as ``s{k}_in{i}`` / ``s{k}_out{j}`` arrays."""
+    arrays: dict[str, np.ndarray] = {}
+    for k, (ins, outs) in enumerate(zip(samples, outputs, strict=True)):
+        arrays.update({f"s{k}_in{i}": a for i, a in enumerate(ins)})
+        arrays.update({f"s{k}_out{j}": a for j, a in enumerate(outs)})
+    np.savez(path, **arrays)
+
+
+def load_reference(path: Path) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    if not path.is_file():
+        raise ArtifactFormatError(f"{path} is missing: the directory cannot be re-verified")
+    with np.load(path) as data:
+        keys = list(data.keys())
+        count = 1 + max(int(k[1:].split("_")[0]) for k in keys)
+        samples, outputs = [], []
+        for k in range(count):
+            n_in = sum(1 for key in keys if key.startswith(f"s{k}_in"))
+            n_out = sum(1 for key in keys if key.startswith(f"s{k}_out"))
+            samples.append([data[f"s{k}_in{i}"] for i in range(n_in)])
+            outputs.append([data[f"s{k}_out{j}"] for j in range(n_out)])
+    return samples, outputs
+
+
+def torch_outputs(model: nn.Module, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Run ``model`` (eval, CPU) on numpy inputs; flatten tuple outputs."""
+    with torch.no_grad():
+        out = model(*[torch.from_numpy(np.ascontiguousarray(a)) for a in inputs])
+    items = out if isinstance(out, (tuple, list)) else (out,)
+    return [t.detach().cpu().numpy() for t in items]
+
+
+# ----------------------------------------------------------------------------- comparison
+def compare_format(
+    out_dir: Path,
+    record: FormatRecord,
+    samples: Sequence[Sequence[np.ndarray]],
+    references: Sequence[Sequence[np.ndarray]],
+    tolerance: float,
+    source: str,
+    report: VerifyReport,
+) -> None:
+    """Run one format on every sample and append the comparisons (or the failure) to ``report``."""
+    exporter = get_exporter(record.format)
+    try:
+        for k, (ins, refs) in enumerate(zip(samples, references, strict=True)):
+            outs = exporter.run(out_dir, record, ins)
+            if len(outs) != len(refs):
+                raise ArtifactFormatError(
+                    f"{len(outs)} outputs from the runtime, PyTorch has {len(refs)}"
+                )
+            for j, (got, ref) in enumerate(zip(outs, refs, strict=True)):
+                got = np.asarray(got)
+                if got.shape != ref.shape and got.size == ref.size:
+                    got = got.reshape(ref.shape)  # some runtimes drop unit dims
+                if got.shape != ref.shape:
+                    raise ArtifactFormatError(
+                        f"output {j} has shape {list(got.shape)}, PyTorch {list(ref.shape)}"
+                    )
+                err = normalized_error(got, ref)
+                max_abs = float(np.max(np.abs(got.astype(np.float64) - ref))) if ref.size else 0.0
+                report.comparisons.append(
+                    Comparison(record.format, source, k, j, list(ref.shape), max_abs, err,
+                               bool(err <= tolerance))
+                )
+    except Exception as exc:  # a runtime that cannot load or run the file is a failed check
+        report.failures[record.format] = f"{type(exc).__name__}: {exc}"
+
+
+def locate_divergence(out_dir: Path, record: FormatRecord, model: nn.Module,
+                      inputs: Sequence[np.ndarray], tolerance: float,
+                      report: VerifyReport) -> None:
+    """Ask the format for the first layer that departs from PyTorch, when it can tell."""
+    try:
+        where = get_exporter(record.format).first_divergence(out_dir, record, model, inputs,
+                                                             tolerance)
+    except Exception as exc:
+        where = f"(layer-by-layer comparison failed: {type(exc).__name__}: {exc})"
+    if where:
+        report.divergence[record.format] = where
+
+
+# ----------------------------------------------------------------------------- public API
+def verify(
+    out_dir_or_manifest: str | Path | Manifest,
+    model: nn.Module | None = None,
+    inputs: Sequence[torch.Tensor | np.ndarray] | torch.Tensor | None = None,
+    tolerance: float | None = None,
+    raise_on_failure: bool = False,
+) -> VerifyReport:
+    """Re-check an artifact directory.
+
+    Always compares every artifact with the recorded PyTorch outputs. With ``model``, also
+    compares against fresh PyTorch outputs on the recorded inputs and on ``inputs`` (one
+    batch, or a list of input tensors for a multi-input model); without ``inputs`` one new
+    random sample of the recorded shapes is drawn.
+    """
+    from deployplug.manifest import Manifest, load_manifest
+
+    manifest = (out_dir_or_manifest if isinstance(out_dir_or_manifest, Manifest)
+                else load_manifest(Path(out_dir_or_manifest)))
+    out_dir = manifest.dir
+    tol = tolerance if tolerance is not None else manifest.tolerance
+    samples, references = load_reference(out_dir / REFERENCE_FILE)
+    report = VerifyReport(tolerance=tol)
+    records = [FormatRecord.from_dict(r) for r in manifest.formats.values()]
+    for record in records:
+        compare_format(out_dir, record, samples, references, tol, "recorded", report)
+    if model is not None:
+        model = _cpu_eval_copy(model)
+        fresh = [list(s) for s in samples] + [_as_sample(inputs, samples[0])]
+        expected = [torch_outputs(model, s) for s in fresh]
+        for record in records:
+            compare_format(out_dir, record, fresh, expected, tol, "model", report)
+            if not report.format_passed(record.format):
+                locate_divergence(out_dir, record, model, fresh[0], tol, report)
+    if raise_on_failure and not report.passed:
+        raise VerificationError(report)
+    return report
+
+
+def _as_sample(inputs: Any, like: Sequence[np.ndarray]) -> list[np.ndarray]:
+    if inputs is None:
+        rng = np.random.default_rng(1234)
+        return [rng.standard_normal(a.shape).astype(a.dtype) for a in like]
+    items = [inputs] if isinstance(inputs, (torch.Tensor, np.ndarray)) else list(inputs)
+    return [np.asarray(t.detach().cpu() if isinstance(t, torch.Tensor) else t) for t in items]
+
+
+def _cpu_eval_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).cpu().float().eval()
+
+
+def report_from_manifest_file(path: Path) -> VerifyReport:
+    """The verification stored in a manifest, as a report object."""
+    data = json.loads(Path(path).read_text())
+    return VerifyReport.from_dict(data["verification"])
