@@ -1,0 +1,399 @@
+"""MsnhNet rules for element-wise maths: activations, arithmetic, powers.
+
+MsnhNet's ``varop`` has no broadcasting and some of its maths is wrong (``varop tanh`` is
+tan, ``pow`` breaks on negatives, ``elu`` ignores alpha, ``selu`` uses rounded constants):
+these rules route around each of those with exact compositions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from deployplug.capture import Graph, Node, Ref
+from deployplug.export.msnhnet_emit import Emitter, canonical
+from deployplug.export.msnhnet_rules import (
+    RULES,
+    Lower,
+    Rule,
+    always_ok,
+    constant_of,
+    input_shape,
+    provably_nonneg,
+    rule,
+    scalar_of,
+    source,
+    value_shape,
+)
+
+_SELU_ALPHA = 1.6732632423543772
+_SELU_SCALE = 1.0507009873554805
+
+
+# -- activations ----------------------------------------------------------------------
+def _simple_act(name: str) -> Lower:
+    def lower(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+        em.act(source(node), name)
+        return None
+
+    return lower
+
+
+for _op, _name in (("relu", "relu"), ("relu6", "relu6"), ("tanh", "tanh"),
+                   ("sigmoid", "logistic"), ("silu", "swish"), ("mish", "mish"),
+                   ("hardswish", "hardswish")):
+    RULES[_op] = Rule(always_ok, _simple_act(_name))
+
+
+@rule("leaky_relu")
+def _lower_leaky(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    from deployplug.export.msnhnet_text import format_value
+
+    em.act(source(node), f"leaky,{format_value(float(node.args.get('negative_slope', 0.01)))}")
+    return None
+
+
+def _check_prelu(node: Node, graph: Graph) -> str | None:
+    weight = node.args.get("weight")
+    if not isinstance(weight, torch.Tensor):
+        return "the prelu slope is computed at run time"
+    c = canonical(input_shape(node, graph))[0]
+    if weight.numel() not in (1, c):
+        return f"prelu with {weight.numel()} slopes on {c} channels"
+    return None
+
+
+@rule("prelu", check=_check_prelu)
+def _lower_prelu(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    c = em.shapes[source(node)][0]
+    slopes = node.args["weight"].detach().float().numpy().reshape(-1)
+    em.act(source(node), "prelu", np.broadcast_to(slopes, (c,)).copy())
+    return None
+
+
+def _clip(em: Emitter, src: str, low: float | None, high: float | None) -> None:
+    if low == 0 and high == 6:
+        em.act(src, "relu6")
+    elif low == -1 and high == 1:
+        em.act(src, "hardtan")
+    elif low == 0 and high is None:
+        em.act(src, "relu")
+    else:
+        em.use(src)
+        fields = ([("min", float(low))] if low is not None else []) + (
+            [("max", float(high))] if high is not None else [])
+        em.emit("clip", fields or [("min", -3.4e38)])
+
+
+def _check_clamp(node: Node, graph: Graph) -> str | None:
+    for key in ("min", "max", "min_val", "max_val"):
+        value = node.args.get(key)
+        if value is not None and not isinstance(value, (int, float)):
+            return f"clamp with a tensor bound '{key}' is not expressible (MsnhNet clip takes " \
+                   "constants)"
+    return None
+
+
+@rule("clamp", "clip", check=_check_clamp)
+def _lower_clamp(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    _clip(em, source(node), node.args.get("min"), node.args.get("max"))
+    return None
+
+
+@rule("hardtanh", check=_check_clamp)
+def _lower_hardtanh(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    _clip(em, source(node), node.args.get("min_val", -1.0), node.args.get("max_val", 1.0))
+    return None
+
+
+@rule("clamp_min", check=_check_clamp)
+def _lower_clamp_min(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    _clip(em, source(node), node.args.get("min"), None)
+    return None
+
+
+@rule("clamp_max", check=_check_clamp)
+def _lower_clamp_max(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    _clip(em, source(node), None, node.args.get("max"))
+    return None
+
+
+@rule("hardsigmoid")
+def _lower_hardsigmoid(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    em.unary(source(node), "addConst", 3.0)
+    em.emit("act", [("activation", "relu6")])
+    em.emit("varop", [("type", "divConst"), ("constVal", 6.0)])
+    return None
+
+
+def _elu_like(em: Emitter, src: str, alpha: float) -> None:
+    """relu(x) + alpha * (elu1(x) - relu(x)): exact, since elu1 - relu is 0 for x > 0."""
+    shape = em.shapes[src]
+    if alpha == 1.0:
+        em.act(src, "elu")
+        return
+    em.act(src, "relu")
+    pos = em.temp(shape)
+    em.act(src, "elu")
+    em.emit("varop", [("layers", em.index(pos)), ("type", "sub")])
+    em.emit("varop", [("type", "mulConst"), ("constVal", float(alpha))])
+    em.emit("varop", [("layers", em.index(pos)), ("type", "add")])
+
+
+@rule("elu")
+def _lower_elu(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    src = source(node)
+    alpha = float(node.args.get("alpha", 1.0))
+    scale = float(node.args.get("scale", 1.0))
+    input_scale = float(node.args.get("input_scale", 1.0))
+    if input_scale != 1.0:
+        em.unary(src, "mulConst", input_scale)
+        src = em.temp(em.shapes[src])
+    _elu_like(em, src, alpha)
+    if scale != 1.0:
+        em.emit("varop", [("type", "mulConst"), ("constVal", scale)])
+    return None
+
+
+@rule("selu")
+def _lower_selu(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    # MsnhNet's own selu uses rounded constants (off by ~7e-5), so compose it exactly.
+    _elu_like(em, source(node), _SELU_ALPHA)
+    em.emit("varop", [("type", "mulConst"), ("constVal", _SELU_SCALE)])
+    return None
+
+
+def _check_softplus(node: Node, graph: Graph) -> str | None:
+    if float(node.args.get("threshold", 20)) < 20:
+        return ("softplus threshold below 20: MsnhNet returns exp(x) below -threshold, which "
+                "only matches PyTorch when the threshold is large")
+    if float(node.args.get("beta", 1)) <= 0:
+        return "softplus beta must be positive"
+    return None
+
+
+@rule("softplus", check=_check_softplus)
+def _lower_softplus(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    from deployplug.export.msnhnet_text import format_value
+
+    beta = float(node.args.get("beta", 1))
+    threshold = float(node.args.get("threshold", 20))
+    src = source(node)
+    if beta != 1.0:
+        em.unary(src, "mulConst", beta)
+        src = em.temp(em.shapes[src])
+    em.act(src, f"softplus,{format_value(threshold)}")
+    if beta != 1.0:
+        em.emit("varop", [("type", "divConst"), ("constVal", beta)])
+    return None
+
+
+# -- element-wise math ----------------------------------------------------------------
+_UNARY = ("abs", "acos", "asin", "atan", "cos", "cosh", "sin", "sinh", "tan", "exp", "log",
+          "log10", "sqrt")
+
+
+def _unary_rule(kind: str) -> Lower:
+    def lower(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+        em.unary(source(node), kind)
+        return None
+
+    return lower
+
+
+for _op in _UNARY:
+    RULES[_op] = Rule(always_ok, _unary_rule(_op))
+
+
+@rule("neg")
+def _lower_neg(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    em.unary(source(node), "mulConst", -1.0)
+    return None
+
+
+@rule("reciprocal")
+def _lower_reciprocal(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    em.unary(source(node), "divConstInv", 1.0)
+    return None
+
+
+@rule("rsqrt")
+def _lower_rsqrt(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    em.unary(source(node), "sqrt")
+    em.emit("varop", [("type", "divConstInv"), ("constVal", 1.0)])
+    return None
+
+
+@rule("log2")
+def _lower_log2(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    em.unary(source(node), "log")
+    em.emit("varop", [("type", "divConst"), ("constVal", float(np.log(2.0)))])
+    return None
+
+
+def _power(em: Emitter, src: str, n: int) -> None:
+    """x**n for an integer n >= 2 by repeated multiplication (exact like x*x*...)."""
+    em.use(src)
+    em.emit("act", [("activation", "none")])
+    for _ in range(n - 1):
+        em.emit("varop", [("layers", em.index(src)), ("type", "mul")])
+
+
+def _check_pow(node: Node, graph: Graph) -> str | None:
+    if not isinstance(node.args.get("self"), Ref):
+        return "pow with a constant base and a tensor exponent is not expressible"
+    e = scalar_of(graph, node.args.get("exponent"))
+    if e is None:
+        return "pow with a tensor exponent is not expressible (varop pow takes a constant)"
+    if e == int(e) and abs(e) <= 16:
+        return None
+    if abs(e) == 0.5 or provably_nonneg(graph, source(node)):
+        return None
+    return (f"pow with exponent {e}: MsnhNet's varop pow is wrong for negative inputs and "
+            "the input is not provably non-negative (apply relu/abs first, or use an integer "
+            "exponent)")
+
+
+@rule("pow", check=_check_pow)
+def _lower_pow(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    e = float(scalar_of(graph, node.args["exponent"]))  # type: ignore[arg-type]
+    src = source(node)
+    if e == 1.0:
+        return src
+    if e == 0.0:
+        em.unary(src, "mulConst", 0.0)
+        em.emit("varop", [("type", "addConst"), ("constVal", 1.0)])
+    elif abs(e) == 0.5:
+        em.unary(src, "sqrt")
+    elif e == int(e):
+        if abs(int(e)) == 1:
+            em.use(src)
+            em.emit("act", [("activation", "none")])
+        else:
+            _power(em, src, abs(int(e)))
+    else:
+        em.unary(src, "pow", abs(e))
+    if e < 0:
+        em.emit("varop", [("type", "divConstInv"), ("constVal", 1.0)])
+    return None
+
+
+@rule("square")
+def _lower_square(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    _power(em, source(node), 2)
+    return None
+
+
+def _operands(node: Node, graph: Graph) -> tuple[Any, Any]:
+    return node.args.get("self"), node.args.get("other")
+
+
+def _check_binary(node: Node, graph: Graph) -> str | None:
+    a, b = _operands(node, graph)
+    if node.op == "div" and node.args.get("rounding_mode") is not None:
+        return f"div with rounding_mode={node.args['rounding_mode']!r} is not expressible"
+    act_a, act_b = isinstance(a, Ref) and constant_of(graph, a) is None, isinstance(
+        b, Ref) and constant_of(graph, b) is None
+    alpha = node.args.get("alpha", 1)
+    if act_a and act_b:
+        sa, sb = value_shape(graph, a.name), value_shape(graph, b.name)
+        if sa != sb:
+            return (f"broadcasting {node.op} between {list(sa)} and {list(sb)}: MsnhNet's varop "
+                    "needs identical shapes (no broadcasting)")
+        if alpha != 1:
+            return f"{node.op} with alpha={alpha} between two tensors"
+        return None
+    const = b if act_a else a
+    if not (act_a or act_b):
+        return f"{node.op} between two constants (should have been folded)"
+    src = a if act_a else b
+    if scalar_of(graph, const) is None and _channel_const(graph, const,
+                                                        value_shape(graph, src.name)) is None:
+        return (f"{node.op} with a constant tensor operand that is neither a scalar nor "
+                "per-channel: MsnhNet has no constant tensors (varop takes scalars only)")
+    if not isinstance(alpha, (int, float)):
+        return f"{node.op} with a tensor alpha"
+    return None
+
+
+def _channel_const(graph: Graph, value: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A constant that only varies along the channel axis, as a length-C vector."""
+    tensor = constant_of(graph, value)
+    if tensor is None or tensor.dim() > len(shape) or len(shape) < 2:
+        return None
+    padded = (1,) * (len(shape) - tensor.dim()) + tuple(tensor.shape)
+    if padded[0] != 1 or any(d != 1 for d in padded[2:]) or padded[1] not in (1, shape[1]):
+        return None
+    return np.broadcast_to(tensor.detach().float().reshape(-1).numpy(), (shape[1],)).copy()
+
+
+def _per_channel(em: Emitter, node: Node, src: str, vec: np.ndarray, act_first: bool,
+                 alpha: float) -> None:
+    """A per-channel constant operand as an identity-statistics batchnorm (exact: var 1,
+    eps 0, mean 0), the only MsnhNet layer with per-channel scale and shift."""
+    op, c = node.op, len(vec)
+    ones, zeros = np.ones(c, np.float32), np.zeros(c, np.float32)
+    if op == "div" and not act_first:  # vec / x
+        em.unary(src, "divConstInv", 1.0)
+        src = em.temp(em.shapes[src])
+        op = "mul"
+    scale, shift = {
+        "add": lambda: ((alpha * ones, vec) if not act_first else (ones, alpha * vec)),
+        "sub": lambda: ((ones, -alpha * vec) if act_first else (-alpha * ones, vec)),
+        "rsub": lambda: ((-alpha * ones, vec) if act_first else (ones, -alpha * vec)),
+        "mul": lambda: (vec, zeros),
+        "div": lambda: (1.0 / vec, zeros),
+    }[op]()
+    em.use(src)
+    em.emit("batchnorm", [("eps", 0.0)], [scale, shift, zeros, ones])
+
+
+def _lower_binary(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
+    a, b = _operands(node, graph)
+    op = node.op
+    alpha = float(node.args.get("alpha", 1))
+    act_a = isinstance(a, Ref) and constant_of(graph, a) is None
+    act_b = isinstance(b, Ref) and constant_of(graph, b) is None
+    if act_a and act_b:
+        em.binary("sub" if op == "rsub" else op, b.name if op == "rsub" else a.name,
+                  a.name if op == "rsub" else b.name)
+        return None
+    src = (a if act_a else b).name
+    if scalar_of(graph, b if act_a else a) is None:
+        _per_channel(em, node, src, _channel_const(graph, b if act_a else a,  # type: ignore
+                                                   value_shape(graph, src)), act_a, alpha)
+        return None
+    c = float(scalar_of(graph, b if act_a else a))  # type: ignore[arg-type]
+    if op == "add":
+        if act_b and alpha != 1:  # const + alpha * x
+            em.unary(src, "mulConst", alpha)
+            src = em.temp(em.shapes[src])
+            alpha = 1.0
+        em.unary(src, "addConst", c * alpha)
+    elif op == "mul":
+        em.unary(src, "mulConst", c)
+    elif op == "sub":
+        if act_a:
+            em.unary(src, "subConst", c * alpha)
+        else:  # const - alpha * x
+            if alpha != 1:
+                em.unary(src, "mulConst", alpha)
+                src = em.temp(em.shapes[src])
+            em.unary(src, "subConstInv", c)
+    elif op == "rsub":  # other - alpha * self
+        if act_a:
+            if alpha != 1:
+                em.unary(src, "mulConst", alpha)
+                src = em.temp(em.shapes[src])
+            em.unary(src, "subConstInv", c)
+        else:
+            em.unary(src, "subConst", c * alpha)
+    elif op == "div":
+        em.unary(src, "divConst" if act_a else "divConstInv", c)
+    return None
+
+
+for _op in ("add", "sub", "mul", "div", "rsub"):
+    RULES[_op] = Rule(_check_binary, _lower_binary)
