@@ -171,8 +171,9 @@ def export(
     staging = _staging_dir(out_dir)
     try:
         records: dict[str, FormatRecord] = {}
+        legal_models: dict[str, nn.Module] = {}
         for fmt, profile in profiles.items():
-            legal = _legal_model(deploy_model, profile, inputs, decompose)
+            legal = legal_models[fmt] = _legal_model(deploy_model, profile, inputs, decompose)
             options = (onnx_options or {}) if fmt == "onnx" else {}
             try:
                 records[fmt] = get_exporter(fmt).write(legal, inputs, staging, profile, **options)
@@ -189,7 +190,8 @@ def export(
                 compare_format(staging, record, samples, references, tolerance, "recorded",
                                report)
                 if not report.format_passed(record.format):
-                    locate_divergence(staging, record, original, samples[0], tolerance, report)
+                    locate_divergence(staging, record, legal_models[record.format], samples[0],
+                                      tolerance, report)
 
         files = [f for r in records.values() for f in r.files] + [REFERENCE_FILE]
         manifest = Manifest(
