@@ -1,0 +1,127 @@
+"""Serialize a lowered :class:`~deployplug.export.caffe.lower.CaffeNet` to the two Caffe files.
+
+* ``model.prototxt``: the whole net in protobuf text format, without any blob data.
+* ``model.caffemodel``: binary ``NetParameter`` whose layers carry only name, type and blobs.
+  BVLC Caffe and OpenCV both take weights from it by layer name and read every parameter from
+  the prototxt, so keeping parameters out of the binary also keeps fork-specific field numbers
+  (``upsample_param`` of the om dialect) out of the one file that is matched by number.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import json_format, text_format
+
+from deployplug.export.caffe.lower import CaffeNet
+from deployplug.export.caffe.schema import messages
+
+PROTOTXT = "model.prototxt"
+CAFFEMODEL = "model.caffemodel"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _blob_bytes(arr: np.ndarray) -> bytes:
+    """``BlobProto{shape: {dim...}, data: [...]}`` encoded directly: fast for big weights.
+
+    Field 7 (shape) holds field 1 (dim, packed int64); field 5 (data) is packed float32 LE.
+    """
+    dims = b"".join(_varint(int(d)) for d in arr.shape)
+    shape = b"\x0a" + _varint(len(dims)) + dims if arr.shape else b""
+    data = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+    return b"\x3a" + _varint(len(shape)) + shape + b"\x2a" + _varint(len(data)) + data
+
+
+def _listify(values: dict, descriptor) -> dict:
+    """Wrap scalars given for repeated fields (``kernel_size: 3``) the way text format allows."""
+    out = {}
+    for key, val in values.items():
+        fld = descriptor.fields_by_name[key]
+        if fld.message_type is not None:
+            items = val if isinstance(val, list) else [val]
+            val = [_listify(v, fld.message_type) for v in items]
+            if not _is_repeated(fld):
+                val = val[0]
+        elif _is_repeated(fld) and not isinstance(val, list):
+            val = [val]
+        out[key] = val
+    return out
+
+
+def _is_repeated(fld) -> bool:
+    return bool(fld.is_repeated)
+
+
+def fill(message, values: dict) -> None:
+    """Set a parameter message from a plain dict (enum names, scalars for repeated fields)."""
+    json_format.ParseDict(_listify(values, message.DESCRIPTOR), message)
+    message.SetInParent()  # present even when every value is a default
+
+
+def net_parameter(net: CaffeNet, *, params: bool = True, blobs: bool = False):
+    """The net as a ``caffe.NetParameter`` of its dialect."""
+    m = messages(net.dialect)
+    proto = m.NetParameter(name=net.name)
+    for layer in net.layers:
+        if blobs and not params and not layer.blobs:
+            continue  # weights are matched by layer name; parameter-free layers add nothing
+        lp = proto.layer.add(name=layer.name, type=layer.type)
+        if params:
+            lp.bottom.extend(layer.bottoms)
+            lp.top.extend(layer.tops)
+            for field_name, values in layer.params.items():
+                fill(getattr(lp, field_name), values)
+        if blobs:
+            for arr in layer.blobs:
+                lp.blobs.add().MergeFromString(_blob_bytes(arr))
+    return proto
+
+
+def prototxt_text(net: CaffeNet) -> str:
+    return text_format.MessageToString(net_parameter(net, params=True, blobs=False))
+
+
+def caffemodel_bytes(net: CaffeNet) -> bytes:
+    return net_parameter(net, params=False, blobs=True).SerializeToString()
+
+
+def write(net: CaffeNet, out_dir: Path) -> list[str]:
+    """Write both files into ``out_dir`` and return their names."""
+    out_dir = Path(out_dir)
+    (out_dir / PROTOTXT).write_text(prototxt_text(net))
+    (out_dir / CAFFEMODEL).write_bytes(caffemodel_bytes(net))
+    return [PROTOTXT, CAFFEMODEL]
+
+
+def read_prototxt(path: Path, dialect: str = "bvlc"):
+    """Parse a ``.prototxt`` with the schema of ``dialect``."""
+    proto = messages(dialect).NetParameter()
+    text_format.Parse(Path(path).read_text(), proto)
+    return proto
+
+
+def read_caffemodel(path: Path, dialect: str = "bvlc"):
+    proto = messages(dialect).NetParameter()
+    proto.ParseFromString(Path(path).read_bytes())
+    return proto
+
+
+def blob_array(blob) -> np.ndarray:
+    """A ``BlobProto`` as a float32 array of its shape (legacy 4-D fields included)."""
+    if blob.HasField("shape"):
+        shape = tuple(blob.shape.dim)
+    else:
+        shape = tuple(d for d in (blob.num, blob.channels, blob.height, blob.width))
+    return np.asarray(blob.data, dtype=np.float32).reshape(shape)

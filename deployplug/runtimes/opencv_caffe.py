@@ -1,0 +1,246 @@
+"""Run Caffe files in OpenCV's Caffe importer (``cv2.dnn.readNetFromCaffe``, OpenCV 4.x).
+
+OpenCV 5 removed the Caffe importer, so this needs ``opencv-python-headless<5``. Two things the
+files may contain that OpenCV cannot execute are adapted *in memory* (the files on disk are
+never changed), and every adaptation is reported back:
+
+* ``ArgMax`` (a BVLC layer OpenCV does not implement): the net is run up to ArgMax's input and
+  ``np.argmax`` is applied over the same axis, followed by the reshape the files describe;
+* ``Upsample`` (the om dialect's nearest-neighbour layer): replaced by the equivalent
+  depthwise Deconvolution with unit weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from google.protobuf import text_format
+
+from deployplug.capture import Graph, Ref
+from deployplug.errors import ArtifactFormatError
+from deployplug.export.caffe.lower import call_node, nearest_deconv_param
+from deployplug.export.caffe.writer import fill, read_caffemodel, read_prototxt
+
+_RESHAPES = ("Reshape", "Flatten")
+
+
+@dataclass
+class _ArgMaxTail:
+    """A net output computed outside OpenCV: argmax over ``axis`` of blob ``source``."""
+
+    output: str
+    source: str
+    axis: int
+
+
+@dataclass
+class PreparedNet:
+    """A cv2 net plus what must happen around it to reproduce the files' outputs."""
+
+    net: Any
+    layer_tops: dict[str, list[str]]
+    argmax: dict[str, _ArgMaxTail] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    removed: set[str] = field(default_factory=set)
+
+
+def _cv2():
+    import cv2
+
+    if not hasattr(cv2.dnn, "readNetFromCaffe"):
+        raise ArtifactFormatError(
+            f"OpenCV {cv2.__version__} has no Caffe importer (removed in 5.0); install "
+            "opencv-python-headless<5 to verify Caffe files"
+        )
+    return cv2
+
+
+def prepare(prototxt: Path, caffemodel: Path, dialect: str = "bvlc",
+            upsample_channels: Mapping[str, int] | None = None,
+            extra_outputs: Sequence[str] = ()) -> PreparedNet:
+    """Load the pair into OpenCV, adapting ArgMax / om Upsample as described above.
+
+    ``extra_outputs`` are blob names that must be retrievable by name afterwards; blobs that are
+    not the first top of a same-named layer get an identity Power layer named after them.
+    """
+    cv2 = _cv2()
+    net = read_prototxt(prototxt, dialect)
+    weights = read_caffemodel(caffemodel, dialect)
+    notes: list[str] = []
+
+    for layer in net.layer:
+        if layer.type == "Upsample":
+            fh, fw = layer.upsample_param.stride_h, layer.upsample_param.stride_w
+            c = (upsample_channels or {}).get(layer.name)
+            if c is None:
+                raise ArtifactFormatError(f"Upsample layer {layer.name!r}: channel count unknown")
+            if layer.upsample_param.scale != 1:
+                raise ArtifactFormatError(f"Upsample layer {layer.name!r} with scale != 1")
+            layer.ClearField("upsample_param")
+            layer.type = "Deconvolution"
+            fill(layer.convolution_param, nearest_deconv_param(c, fh, fw))
+            blob = weights.layer.add(name=layer.name, type="Deconvolution").blobs.add()
+            blob.shape.dim.extend([c, 1, fh, fw])
+            blob.data.extend([1.0] * (c * fh * fw))
+            notes.append(f"om Upsample '{layer.name}' run as the equivalent Deconvolution")
+
+    argmax, removed = _strip_argmax(net)
+    if argmax:
+        notes.append("OpenCV cannot execute ArgMax: the net runs up to ArgMax's input and "
+                     "np.argmax is applied over the same axis")
+    keep = [lay for lay in net.layer if lay.name not in removed]
+    del net.layer[:]
+    net.layer.extend(keep)
+
+    layer_tops = {lay.name: list(lay.top) for lay in net.layer}
+    for blob in extra_outputs:
+        if blob in argmax or blob in removed:
+            continue
+        if layer_tops.get(blob, [None])[0] != blob:
+            ident = net.layer.add(name=_probe(blob), type="Power")
+            ident.bottom.append(blob)
+            ident.top.append(_probe(blob))
+    # OpenCV parses with its own fork of caffe.proto: hand it BVLC-compatible text
+    text = text_format.MessageToString(net).encode()
+    model = weights.SerializeToString()
+    cv_net = cv2.dnn.readNetFromCaffe(np.frombuffer(text, np.uint8), np.frombuffer(model, np.uint8))
+    return PreparedNet(cv_net, layer_tops, argmax, notes, removed)
+
+
+def _probe(blob: str) -> str:
+    return f"{blob}#out"
+
+
+def _strip_argmax(net) -> tuple[dict[str, _ArgMaxTail], set[str]]:
+    """Remove every ArgMax layer and the reshapes after it; describe how to redo them."""
+    consumers: dict[str, list] = {}
+    for layer in net.layer:
+        for b in layer.bottom:
+            consumers.setdefault(b, []).append(layer)
+    tails: dict[str, _ArgMaxTail] = {}
+    removed: set[str] = set()
+    for layer in net.layer:
+        if layer.type != "ArgMax":
+            continue
+        p = layer.argmax_param
+        if p.out_max_val or p.top_k != 1 or not p.HasField("axis"):
+            raise ArtifactFormatError(f"ArgMax '{layer.name}': only top_k 1 along an axis is run")
+        frontier = [layer]
+        while frontier:
+            cur = frontier.pop()
+            removed.add(cur.name)
+            tails[cur.top[0]] = _ArgMaxTail(cur.top[0], layer.bottom[0], p.axis)
+            for nxt in consumers.get(cur.top[0], []):
+                if nxt.type not in _RESHAPES:
+                    raise ArtifactFormatError(
+                        f"'{nxt.name}' ({nxt.type}) consumes ArgMax output; OpenCV cannot run "
+                        "ArgMax, so only reshapes may follow it for verification"
+                    )
+                frontier.append(nxt)
+    return tails, removed
+
+
+def forward(prepared: PreparedNet, input_names: Sequence[str], inputs: Sequence[np.ndarray],
+            blobs: Sequence[str], shapes: Mapping[str, Sequence[int]] | None = None
+            ) -> list[np.ndarray]:
+    """Values of ``blobs`` for ``inputs`` (ArgMax tails computed with numpy)."""
+    net = prepared.net
+    for name, value in zip(input_names, inputs):
+        net.setInput(np.ascontiguousarray(value, dtype=np.float32), name)
+    wanted: list[str] = []
+    for blob in blobs:
+        src = prepared.argmax[blob].source if blob in prepared.argmax else blob
+        if src in input_names:
+            continue
+        layer = src if prepared.layer_tops.get(src, [None])[0] == src else _probe(src)
+        if layer not in wanted:
+            wanted.append(layer)
+    values = dict(zip(wanted, net.forward(wanted))) if wanted else {}
+    feeds = dict(zip(input_names, inputs))
+
+    def value_of(blob: str) -> np.ndarray:
+        if blob in feeds:
+            return np.asarray(feeds[blob], dtype=np.float32)
+        return values[blob if blob in values else _probe(blob)]
+
+    out = []
+    for blob in blobs:
+        if blob in prepared.argmax:
+            tail = prepared.argmax[blob]
+            arr = np.argmax(value_of(tail.source), axis=tail.axis).astype(np.int64)
+            if shapes and blob in shapes:
+                arr = arr.reshape(tuple(shapes[blob]))
+            out.append(arr)
+        else:
+            arr = np.array(value_of(blob))
+            if shapes and blob in shapes and arr.size == int(np.prod(shapes[blob])):
+                arr = arr.reshape(tuple(shapes[blob]))
+            out.append(arr)
+    return out
+
+
+def run(prototxt: Path, caffemodel: Path, info: Mapping[str, Any],
+        inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
+    """Outputs of the files for ``inputs``, in the order recorded in ``info['outputs']``."""
+    outputs = [o["blob"] for o in info["outputs"]]
+    prepared = prepare(prototxt, caffemodel, info.get("dialect", "bvlc"),
+                       info.get("upsample_channels"), outputs)
+    shapes = {o["blob"]: o["shape"] for o in info["outputs"]}
+    names = [i["name"] for i in info["inputs"]]
+    return forward(prepared, names, inputs, outputs, shapes), prepared.notes
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def graph_values(graph: Graph, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Evaluate a captured graph node by node: PyTorch's value of every graph value by name."""
+    env: dict[str, Any] = {v.name: t for v, t in zip(graph.inputs, inputs)}
+
+    def resolve(v: Any) -> Any:
+        if isinstance(v, Ref):
+            return env[v.name]
+        if isinstance(v, list):
+            return [resolve(x) for x in v]
+        return v
+
+    with torch.no_grad():
+        for node in graph.nodes:
+            env[node.name] = call_node(node, {k: resolve(v) for k, v in node.args.items()})
+    return env
+
+
+def first_divergence(prototxt: Path, caffemodel: Path, info: Mapping[str, Any], graph: Graph,
+                     inputs: Sequence[np.ndarray], tolerance: float) -> str | None:
+    """The first graph value (in graph order) whose OpenCV blob departs from PyTorch."""
+    from deployplug.testing import normalized_error
+
+    blob_of = dict(info.get("value_blobs", {}))
+    inputs_t = [torch.as_tensor(np.asarray(x, dtype=np.float32)) for x in inputs]
+    ref = graph_values(graph, inputs_t)
+    checked = [n for n in graph.nodes
+               if n.name in blob_of and isinstance(ref.get(n.name), torch.Tensor)
+               and blob_of[n.name] not in {i["name"] for i in info["inputs"]}]
+    prepared = prepare(prototxt, caffemodel, info.get("dialect", "bvlc"),
+                       info.get("upsample_channels"), [blob_of[n.name] for n in checked])
+    checked = [n for n in checked
+               if blob_of[n.name] not in prepared.removed or blob_of[n.name] in prepared.argmax]
+    names = [i["name"] for i in info["inputs"]]
+    blobs = [blob_of[n.name] for n in checked]
+    shapes = {blob_of[n.name]: tuple(ref[n.name].shape) for n in checked}
+    got = forward(prepared, names, inputs, blobs, shapes)
+    for node, value in zip(checked, got):
+        want = ref[node.name].detach().numpy()
+        if value.shape != want.shape:
+            return (f"layer '{blob_of[node.name]}' ({node.op} at {node.where}): shape "
+                    f"{list(value.shape)} vs PyTorch {list(want.shape)}")
+        err = normalized_error(value, want)
+        if err > tolerance:
+            return (f"layer '{blob_of[node.name]}' ({node.op} at {node.where}): normalized "
+                    f"error {err:.3g} > {tolerance:g}")
+    return None
