@@ -1,0 +1,180 @@
+"""The ``deployplug`` command: fit through LightningCLI, export a checkpoint, verify, check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deployplug import models
+from deployplug.callback import load_checkpoint_into
+from deployplug.cli import main
+from deployplug.lit import ClassifierModule
+from deployplug.pipeline import export
+from deployplug.verify import verify
+
+
+class SpectralNet(nn.Module):
+    """Conv -> |rfft2| -> pool -> linear: the FFT has no Caffe layer."""
+
+    def __init__(self, num_classes: int, in_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.fft.rfft2(self.conv(x)).abs().mean(dim=(2, 3)))
+
+
+@models.register("cli_test_spectral")
+def _spectral(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    net = SpectralNet(num_classes, in_channels)
+    net.default_input_shape = (1, in_channels, 8, 8)
+    return net
+
+
+def write_config(root: Path, formats: str = "[onnx]", preflight: str = "error") -> Path:
+    config = root / "fit.yaml"
+    config.write_text(f"""
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_epochs: 1
+  limit_train_batches: 2
+  limit_val_batches: 1
+  num_sanity_val_steps: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  default_root_dir: {root}
+  logger:
+    class_path: pytorch_lightning.loggers.CSVLogger
+    init_args: {{save_dir: {root}, name: logs}}
+  callbacks:
+    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
+      init_args: {{monitor: val/acc, mode: max, filename: best}}
+    - class_path: deployplug.callback.DeployCallback
+      init_args: {{formats: {formats}, preflight: {preflight}}}
+model:
+  model: repvgg_tiny
+  num_classes: 10
+  in_channels: 1
+  input_size: 16
+  model_kwargs: {{width: 4}}
+data:
+  class_path: deployplug.data.SyntheticDataModule
+  init_args: {{num_samples: 16, val_samples: 8, in_channels: 1, image_size: 16, batch_size: 8}}
+""")
+    return config
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> tuple[Path, Path]:
+    """(config, best checkpoint) of one `deployplug fit` run, shared by the export tests."""
+    root = tmp_path_factory.mktemp("fit")
+    config = write_config(root)
+    assert main(["fit", "--config", str(config)]) == 0
+    run = root / "logs" / "version_0"
+    assert (run / "deploy" / "final" / "manifest.json").is_file()
+    assert (run / "config.yaml").is_file()  # LightningCLI's SaveConfigCallback ran
+    return config, run / "checkpoints" / "best.ckpt"
+
+
+def trained_net(ckpt: Path) -> nn.Module:
+    net = ClassifierModule(model="repvgg_tiny", in_channels=1, input_size=16,
+                           model_kwargs={"width": 4}).net
+    return load_checkpoint_into(net, ckpt, "net")
+
+
+def test_export_checkpoint_with_config(fitted, tmp_path, capsys):
+    config, ckpt = fitted
+    out = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(ckpt), "--config", str(config),
+                 "--out", str(out)]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    assert {"model.onnx", "reference.npz", "manifest.json"} <= {p.name for p in out.iterdir()}
+    # The files are the checkpoint's network, not a freshly initialised one.
+    assert verify(out, model=trained_net(ckpt)).passed
+    untrained = ClassifierModule(model="repvgg_tiny", in_channels=1, input_size=16,
+                                 model_kwargs={"width": 4}).net
+    assert not verify(out, model=untrained).passed
+
+
+def test_export_checkpoint_from_its_hyperparameters(fitted):
+    _, ckpt = fitted
+    assert main(["export", "--checkpoint", str(ckpt), "--parity"]) == 0
+    default_dir = ckpt.parent.parent / "deploy" / ckpt.stem  # beside the checkpoints folder
+    assert verify(default_dir, model=trained_net(ckpt)).passed
+
+
+def test_export_other_formats_and_target(fitted, tmp_path):
+    config, ckpt = fitted
+    out = tmp_path / "om"
+    assert main(["export", "--checkpoint", str(ckpt), "--config", str(config), "--out", str(out),
+                 "--formats", "caffe", "msnhnet", "--target", "om"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["formats"]["caffe"]["target"] == "om"
+    assert set(manifest["formats"]) == {"caffe", "msnhnet"}
+    assert verify(out, model=trained_net(ckpt)).passed
+
+
+def test_export_errors_exit_nonzero(fitted, tmp_path, capsys):
+    config, ckpt = fitted
+    assert main(["export", "--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
+    assert main(["export", "--checkpoint", str(ckpt), "--config", str(config),
+                 "--input-shape", "1", "3", "16", "16", "--out", str(tmp_path / "x")]) == 2
+    assert "(1, 3, 16, 16)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_verify_exit_codes(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()).eval()
+    good = tmp_path / "good"
+    export(net, torch.randn(1, 1, 8, 8), good)
+    assert main(["verify", str(good)]) == 0
+    assert "onnx" in capsys.readouterr().out
+
+    # Tamper with the recorded PyTorch outputs: the artifact no longer matches them.
+    ref = dict(np.load(good / "reference.npz"))
+    ref = {k: (v * 1.5 + 0.1 if "_out" in k else v) for k, v in ref.items()}
+    np.savez(good / "reference.npz", **ref)
+    assert main(["verify", str(good)]) == 1
+    assert main(["verify", str(tmp_path / "nowhere")]) == 2
+
+
+def test_console_script_reports_exit_code(tmp_path):
+    torch.manual_seed(0)
+    export(nn.Sequential(nn.Conv2d(1, 2, 3)).eval(), torch.randn(1, 1, 6, 6), tmp_path / "a")
+    script = Path(sys.executable).with_name("deployplug")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "deployplug.cli"]
+    ok = subprocess.run(command + ["verify", str(tmp_path / "a")], capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "onnx" in ok.stdout
+
+
+def test_check_exit_codes(tmp_path, capsys):
+    config = write_config(tmp_path)
+    assert main(["check", "--config", str(config)]) == 0
+    assert main(["check", "--model", "cli_test_spectral", "--in-channels", "1",
+                 "--formats", "caffe"]) == 1
+    assert "fft" in capsys.readouterr().out
+    assert main(["check", "--config", str(config), "--input-shape", "1", "5", "16", "16"]) == 2
+    assert "(1, 5, 16, 16)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["check"])
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for command in ("fit", "export", "verify", "check"):
+        assert command in text
+    assert main([]) == 2

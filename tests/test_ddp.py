@@ -1,0 +1,48 @@
+"""Two CPU processes under DDP: rank zero exports once, the other rank waits, nobody hangs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deployplug.verify import verify
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_smoke.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_fit_writes_exactly_one_verified_artifact_set(tmp_path):
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    manifests = sorted(tmp_path.rglob("manifest.json"))
+    assert len(manifests) == 1, manifests
+    assert manifests[0].parent.name == "final"
+    assert verify(manifests[0].parent).passed
+
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith("DDP_SMOKE ")]
+    assert len(summaries) == 1  # only rank zero reports
+    summary = json.loads(summaries[0].split(" ", 1)[1])
+    assert summary["world_size"] == 2
+    assert summary["global_step"] == 4  # 32 samples / batch 8 / 2 ranks, 2 epochs
+    metrics = summary["exports"]["final"]["metrics"]
+    assert metrics["deploy/onnx/passed"] == 1.0
+    assert metrics["deploy/onnx/val_agreement"] == 1.0
+    # Both ranks finished (rank 1 waited at the broadcast instead of racing or hanging) and
+    # only one process wrote the deploy folder: no second, per-rank directory exists.
+    assert sorted(p.name for p in manifests[0].parents[1].iterdir()) == ["final"]
