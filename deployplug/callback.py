@@ -146,9 +146,15 @@ def target_for(fmt: str, target: str | None) -> str:
 
 def preflight_reports(network: nn.Module, example: Example, formats: Sequence[str],
                       target: str | None) -> list[tuple[str, str, Any]]:
-    """``(format, target, CompatReport)`` for every requested format, without writing files."""
-    from deployplug.check import check
+    """``(format, target, CompatReport)`` for every requested format, without writing files.
 
+    The fused network is checked, since that is what gets exported (fusing also fails fast
+    on a BatchNorm without running statistics).
+    """
+    from deployplug.check import check
+    from deployplug.reparam import reparameterize
+
+    network = reparameterize(network)
     return [(fmt, target_for(fmt, target), check(network, example, target_for(fmt, target)))
             for fmt in formats]
 

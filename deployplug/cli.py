@@ -265,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK if args else EXIT_ERROR
     if args[0] in COMMANDS:
         return COMMANDS[args[0]](args[1:])
-    lightning_cli(args)
+    # From the console script LightningCLI reads sys.argv itself (passing it too is warned about).
+    lightning_cli(None if argv is None else args)
     return EXIT_OK
 
 
