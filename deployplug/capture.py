@@ -92,6 +92,8 @@ class Node:
     module_path: str
     module_type: str
     shapes: tuple[tuple[int, ...], ...] = field(default_factory=tuple)
+    # Name of the torch.fx node this was normalized from (the graph rewriter needs it).
+    fx_name: str = ""
 
     def tensor_args(self) -> dict[str, torch.Tensor]:
         """The constant tensors (weights, buffers, constants) this node reads, by argument name."""
@@ -344,6 +346,7 @@ def _normalize(
         module_path=module_path,
         module_type=module_type,
         shapes=shapes,
+        fx_name=n.name,
     )
 
 

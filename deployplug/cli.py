@@ -173,7 +173,7 @@ def _verify(argv: Sequence[str]) -> int:
     opts = parser.parse_args(argv)
 
     from deployplug.errors import DeployError
-    from deployplug.verify import verify
+    from deployplug.verification import verify
 
     try:
         report = verify(opts.dir, tolerance=opts.tolerance)

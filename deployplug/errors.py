@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deployplug.verify import VerifyReport
+    from deployplug.verification import VerifyReport
 
 
 class DeployError(RuntimeError):

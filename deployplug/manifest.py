@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deployplug.errors import ArtifactFormatError
-from deployplug.verify import VerifyReport
+from deployplug.verification import VerifyReport
 
 MANIFEST_FILE = "manifest.json"
 _TRACKED_PACKAGES = ("deployplug", "torch", "pytorch-lightning", "onnx", "onnxruntime",

@@ -27,11 +27,11 @@ from deployplug.errors import (
     OutputDirectoryError,
     VerificationError,
 )
-from deployplug.export import get_exporter
-from deployplug.export.base import FormatRecord
+from deployplug.exporters import get_exporter
+from deployplug.exporters.base import FormatRecord
 from deployplug.manifest import Manifest, describe_files
 from deployplug.targets import TargetProfile, get_target
-from deployplug.verify import (
+from deployplug.verification import (
     DEFAULT_TOLERANCE,
     REFERENCE_FILE,
     VerifyReport,

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from deployplug.errors import CaptureError, UnsupportedOpError
-from deployplug.export import FormatRecord, get_exporter
-from deployplug.export.caffe.writer import blob_array, read_caffemodel, read_prototxt
+from deployplug.exporters import FormatRecord, get_exporter
+from deployplug.exporters.caffe.writer import blob_array, read_caffemodel, read_prototxt
 from deployplug.testing import normalized_error, randomize_batchnorm
 
 TOL = 1e-5

@@ -10,10 +10,10 @@ from torch import nn
 
 from deployplug.capture import capture
 from deployplug.errors import ArtifactFormatError, UnsupportedOpError
-from deployplug.export import get_exporter
-from deployplug.export.caffe import om_check
-from deployplug.export.caffe.schema import messages
-from deployplug.export.caffe.writer import read_prototxt
+from deployplug.exporters import get_exporter
+from deployplug.exporters.caffe import om_check
+from deployplug.exporters.caffe.schema import messages
+from deployplug.exporters.caffe.writer import read_prototxt
 from deployplug.targets import get_target
 from deployplug.testing import normalized_error, randomize_batchnorm
 

@@ -8,9 +8,9 @@ import torch
 from google.protobuf import text_format
 from torch import nn
 
-from deployplug.export import get_exporter
-from deployplug.export.caffe.schema import DIALECTS, messages, proto_text
-from deployplug.export.caffe.writer import _blob_bytes, blob_array, read_caffemodel
+from deployplug.exporters import get_exporter
+from deployplug.exporters.caffe.schema import DIALECTS, messages, proto_text
+from deployplug.exporters.caffe.writer import _blob_bytes, blob_array, read_caffemodel
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:

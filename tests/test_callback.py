@@ -28,7 +28,7 @@ from deployplug.errors import (
     VerificationError,
 )
 from deployplug.lit import ClassifierModule
-from deployplug.verify import verify
+from deployplug.verification import verify
 
 SIZE = 16
 

@@ -17,7 +17,7 @@ from deployplug.callback import load_checkpoint_into
 from deployplug.cli import main
 from deployplug.lit import ClassifierModule
 from deployplug.pipeline import export
-from deployplug.verify import verify
+from deployplug.verification import verify
 
 
 class SpectralNet(nn.Module):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deployplug.verify import verify
+from deployplug.verification import verify
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_smoke.py"
 

@@ -14,9 +14,9 @@ from torch import nn
 
 from deployplug.capture import Graph, Node, Ref, Value
 from deployplug.errors import UnsupportedOpError
-from deployplug.export import get_exporter
-from deployplug.export.msnhnet import GRAPH_FILE, WEIGHTS_FILE, MsnhNetExporter, run_files
-from deployplug.export.msnhnet import write_files as write_graph
+from deployplug.exporters import get_exporter
+from deployplug.exporters.msnhnet import GRAPH_FILE, WEIGHTS_FILE, MsnhNetExporter, run_files
+from deployplug.exporters.msnhnet import write_files as write_graph
 from deployplug.runtimes import msnhnet as rt
 from deployplug.targets import get_target
 from deployplug.testing import normalized_error, randomize_batchnorm

@@ -18,10 +18,10 @@ from deployplug.errors import (
     OutputDirectoryError,
     VerificationError,
 )
-from deployplug.export.onnx import make_session
+from deployplug.exporters.onnx import make_session
 from deployplug.manifest import load_manifest
 from deployplug.testing import randomize_batchnorm
-from deployplug.verify import load_reference
+from deployplug.verification import load_reference
 
 
 def small_net() -> nn.Module:
@@ -210,7 +210,7 @@ def test_unwritable_directory_is_a_clear_error(tmp_path):
 
 
 def test_exporter_failure_leaves_no_partial_directory(tmp_path, monkeypatch):
-    from deployplug.export.onnx import OnnxExporter
+    from deployplug.exporters.onnx import OnnxExporter
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated exporter crash")

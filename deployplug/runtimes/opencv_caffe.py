@@ -23,8 +23,8 @@ from google.protobuf import text_format
 
 from deployplug.capture import Graph, Ref
 from deployplug.errors import ArtifactFormatError
-from deployplug.export.caffe.lower import call_node, nearest_deconv_param
-from deployplug.export.caffe.writer import fill, read_caffemodel, read_prototxt
+from deployplug.exporters.caffe.lower import call_node, nearest_deconv_param
+from deployplug.exporters.caffe.writer import fill, read_caffemodel, read_prototxt
 
 _RESHAPES = ("Reshape", "Flatten")
 

@@ -8,7 +8,7 @@ output_padding, upsampling by non-integer factors, bilinear with align_corners=T
 mish, erf, log_softmax, permute/transpose, broadcasting add/sub, adaptive average pooling to
 sizes that do not divide the input, avg pooling excluding padding, pooling with dilation.
 (The Caffe exporter folds nodes that read only constants, e.g. ``w.flip(1)`` on a parameter,
-before checking; see :func:`deployplug.export.caffe.lower.fold_constants`.)
+before checking; see :func:`deployplug.exporters.caffe.lower.fold_constants`.)
 
 ``om`` = ``caffe`` plus: upsampling by integer factors only, pooling windows <= 32 (a global
 pooling counts with its input map), symmetric H/W padding only, no mean/sum over non-channel
@@ -20,7 +20,7 @@ from __future__ import annotations
 from functools import partial
 
 from deployplug.capture import Graph, Node
-from deployplug.export.caffe import lower
+from deployplug.exporters.caffe import lower
 from deployplug.targets import TargetProfile, register_target
 
 MAX_POOL_WINDOW = 32

@@ -7,8 +7,8 @@ written once.
 from __future__ import annotations
 
 from deployplug.capture import Graph, Node
-from deployplug.export import msnhnet_ops_layers, msnhnet_ops_math  # noqa: F401  (registration)
-from deployplug.export.msnhnet_rules import CONST_OPS, RULES, Rule
+from deployplug.exporters import msnhnet_ops_layers, msnhnet_ops_math  # noqa: F401  (registration)
+from deployplug.exporters.msnhnet_rules import CONST_OPS, RULES, Rule
 
 __all__ = ["RULES", "Rule", "refusal"]
 

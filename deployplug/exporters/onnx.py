@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from deployplug.errors import ExportFailedError
-from deployplug.export import register_exporter
-from deployplug.export.base import Exporter, FormatRecord
+from deployplug.exporters import register_exporter
+from deployplug.exporters.base import Exporter, FormatRecord
 from deployplug.targets import TargetProfile
 
 ONNX_FILE = "model.onnx"

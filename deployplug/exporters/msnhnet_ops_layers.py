@@ -14,14 +14,14 @@ import numpy as np
 import torch
 
 from deployplug.capture import Graph, Node, Ref
-from deployplug.export.msnhnet_emit import (
+from deployplug.exporters.msnhnet_emit import (
     Emitter,
     canonical,
     dilate_kernel,
     gcd,
     square_kernel,
 )
-from deployplug.export.msnhnet_rules import (
+from deployplug.exporters.msnhnet_rules import (
     CONST_OPS,
     PAD_MIN,
     constant_of,
@@ -129,7 +129,7 @@ def _lower_deconv(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     cropped = oph or opw
     src = source(node)
     if not em.layers and em.in_shape[1] != em.in_shape[2] and em.where[src] == -1:
-        from deployplug.export.msnhnet_emit import NeedInputLayer
+        from deployplug.exporters.msnhnet_emit import NeedInputLayer
 
         raise NeedInputLayer
     em.use(src)
@@ -556,7 +556,7 @@ def _lower_pixel_shuffle(em: Emitter, node: Node, graph: Graph) -> str | bool | 
     src = source(node)
     c = em.shapes[src][0] // (f * f)
     if not em.layers and em.in_shape[1] != em.in_shape[2]:
-        from deployplug.export.msnhnet_emit import NeedInputLayer
+        from deployplug.exporters.msnhnet_emit import NeedInputLayer
 
         raise NeedInputLayer
     em.use(src)

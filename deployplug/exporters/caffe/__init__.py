@@ -23,11 +23,11 @@ from torch import nn
 
 from deployplug.capture import Graph, capture
 from deployplug.errors import OffendingOp, UnsupportedOpError
-from deployplug.export import register_exporter
-from deployplug.export.base import Exporter, FormatRecord
-from deployplug.export.caffe import lower as lowering
-from deployplug.export.caffe import om_check, writer
-from deployplug.export.caffe.schema import messages
+from deployplug.exporters import register_exporter
+from deployplug.exporters.base import Exporter, FormatRecord
+from deployplug.exporters.caffe import lower as lowering
+from deployplug.exporters.caffe import om_check, writer
+from deployplug.exporters.caffe.schema import messages
 from deployplug.targets import TargetProfile, get_target
 
 DIALECT_OF_TARGET = {"caffe": "bvlc", "om": "om"}

@@ -47,7 +47,7 @@ class FormatRecord:
 
 
 class Exporter(abc.ABC):
-    """One artifact format. Subclasses are registered in :mod:`deployplug.export`."""
+    """One artifact format. Subclasses are registered in :mod:`deployplug.exporters`."""
 
     format: ClassVar[str]
     #: the target profile used when the caller names none

@@ -27,11 +27,11 @@ from deployplug.errors import (
     OffendingOp,
     UnsupportedOpError,
 )
-from deployplug.export import register_exporter
-from deployplug.export.base import Exporter, FormatRecord
-from deployplug.export.msnhnet_emit import INPUT, Emitter, NeedInputLayer, canonical
-from deployplug.export.msnhnet_ops import RULES, refusal
-from deployplug.export.msnhnet_text import MLayer, render_bin, render_text
+from deployplug.exporters import register_exporter
+from deployplug.exporters.base import Exporter, FormatRecord
+from deployplug.exporters.msnhnet_emit import INPUT, Emitter, NeedInputLayer, canonical
+from deployplug.exporters.msnhnet_ops import RULES, refusal
+from deployplug.exporters.msnhnet_text import MLayer, render_bin, render_text
 from deployplug.runtimes import msnhnet as runtime
 from deployplug.targets import TargetProfile
 

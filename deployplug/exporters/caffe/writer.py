@@ -1,4 +1,4 @@
-"""Serialize a lowered :class:`~deployplug.export.caffe.lower.CaffeNet` to the two Caffe files.
+"""Serialize a lowered :class:`~deployplug.exporters.caffe.lower.CaffeNet` to the two Caffe files.
 
 * ``model.prototxt``: the whole net in protobuf text format, without any blob data.
 * ``model.caffemodel``: binary ``NetParameter`` whose layers carry only name, type and blobs.
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import json_format, text_format
 
-from deployplug.export.caffe.lower import CaffeNet
-from deployplug.export.caffe.schema import messages
+from deployplug.exporters.caffe.lower import CaffeNet
+from deployplug.exporters.caffe.schema import messages
 
 PROTOTXT = "model.prototxt"
 CAFFEMODEL = "model.caffemodel"

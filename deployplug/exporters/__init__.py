@@ -1,14 +1,14 @@
-"""Artifact formats by name. Each module registers one :class:`~deployplug.export.base.Exporter`."""
+"""Artifact formats by name. Each module registers one :class:`~deployplug.exporters.base.Exporter`."""
 
 from __future__ import annotations
 
 import importlib
 
-from deployplug.export.base import Exporter, FormatRecord
+from deployplug.exporters.base import Exporter, FormatRecord
 
 _EXPORTERS: dict[str, Exporter] = {}
-_BUILTIN = {"onnx": "deployplug.export.onnx", "caffe": "deployplug.export.caffe",
-            "msnhnet": "deployplug.export.msnhnet"}
+_BUILTIN = {"onnx": "deployplug.exporters.onnx", "caffe": "deployplug.exporters.caffe",
+            "msnhnet": "deployplug.exporters.msnhnet"}
 
 
 def register_exporter(exporter: Exporter) -> Exporter:

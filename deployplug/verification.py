@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from deployplug.errors import ArtifactFormatError, VerificationError
-from deployplug.export import get_exporter
-from deployplug.export.base import FormatRecord
+from deployplug.exporters import get_exporter
+from deployplug.exporters.base import FormatRecord
 from deployplug.testing import normalized_error
 
 if TYPE_CHECKING:
