@@ -1,0 +1,32 @@
+"""Target-aware decomposition: rewrite the ops a target lacks into exact equivalents.
+
+``decompose(model, target, example_input)`` returns a copy of ``model`` in which every op the
+target profile refuses has been replaced by a module built from ops it accepts. Rules live
+in :mod:`deployplug.decompose.rules`, one module per concept, and register themselves with
+:func:`register_rule`.
+"""
+
+from deployplug.decompose.apply import decompose, run_decompose
+from deployplug.decompose.registry import (
+    ANY_TARGET,
+    Rule,
+    RuleConflictError,
+    all_rules,
+    choose_rule,
+    register_rule,
+    rules_for,
+    unregister_rule,
+)
+
+__all__ = [
+    "ANY_TARGET",
+    "Rule",
+    "RuleConflictError",
+    "all_rules",
+    "choose_rule",
+    "decompose",
+    "register_rule",
+    "rules_for",
+    "run_decompose",
+    "unregister_rule",
+]

@@ -1,0 +1,64 @@
+"""ConvTranspose2d with output_padding as a transposed conv without it, plus a crop.
+
+Why it is exact: ``output_padding`` only lengthens the output at the bottom/right; the extra
+rows are ordinary transposed-conv outputs (or bias alone, past the end of the full result).
+Lowering the conv padding from ``p`` to ``p - op`` and cropping ``op`` rows off the top/left
+yields exactly those rows. When ``op > p`` the missing rows lie past the full result, so they
+come from a symmetric zero pad and the bias is added afterwards. Caffe's Deconvolution has
+no output_padding; symmetric pads and crops it has.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deployplug.capture import Graph, Node
+from deployplug.decompose.registry import register_rule
+from deployplug.decompose.rules._common import in_shape, pair
+
+
+class ConvTransposeCropped(nn.Module):
+    """Exact ``conv_transpose2d`` with output_padding, built without it."""
+
+    def __init__(self, weight, bias, stride, padding, output_padding, groups, dilation,
+                 out_hw: tuple[int, int]):
+        super().__init__()
+        p, op = pair(padding), pair(output_padding)
+        self.stride, self.dilation, self.groups = pair(stride), pair(dilation), groups
+        self.conv_padding = tuple(max(pi - oi, 0) for pi, oi in zip(p, op))
+        self.extra = tuple(max(oi - pi, 0) for pi, oi in zip(p, op))
+        self.start = tuple(op)
+        self.out_hw = tuple(out_hw)
+        self.register_buffer("weight", weight.detach().clone())
+        bias_t = None if bias is None else bias.detach().clone()
+        self.bias_late = any(self.extra) and bias_t is not None
+        self.register_buffer("bias", bias_t.reshape(1, -1, 1, 1) if self.bias_late else bias_t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv_transpose2d(x, self.weight, None if self.bias_late else self.bias,
+                               self.stride, self.conv_padding, 0, self.groups, self.dilation)
+        if any(self.extra):
+            eh, ew = self.extra
+            y = F.pad(y, (ew, ew, eh, eh))
+        (sh, sw), (oh, ow) = self.start, self.out_hw
+        y = y[:, :, sh:sh + oh, sw:sw + ow]
+        if self.bias_late:
+            y = y + self.bias
+        return y
+
+
+def _has_output_padding(node: Node, graph: Graph) -> bool:
+    return any(pair(node.args.get("output_padding", 0))) and len(in_shape(node, graph)) == 4
+
+
+@register_rule(name="conv_transpose2d_crop", op="conv_transpose2d",
+               predicate=_has_output_padding, priority=10,
+               description="transposed conv without output_padding + exact crop/pad",
+               requires="a 4-D input and a non-zero output_padding")
+def build_conv_transpose(node: Node, graph: Graph) -> nn.Module:
+    a = node.args
+    return ConvTransposeCropped(a["weight"], a.get("bias"), a["stride"], a["padding"],
+                                a["output_padding"], a["groups"], a["dilation"],
+                                node.shape[2:])

@@ -1,0 +1,126 @@
+"""Padding a target cannot express: asymmetric/negative spatial pads, pads along channels.
+
+* Asymmetric (or negative) H/W padding = symmetric padding by the larger amount, then a crop.
+  This is exact for every mode, because each pad mode defines a padded position by its
+  distance from the edge alone (constant: the value; reflect/replicate/circular: a fixed
+  source pixel), so padding more and cutting the surplus leaves the same pixels. Reflect
+  needs the larger amount to stay below the axis length.
+* Padding channels with a constant: the new channels come from a 1x1 conv with zero weights
+  and the pad value as bias (a constant map with no constant tensor input, which Caffe
+  cannot hold), concatenated with the input. Caveat: a NaN/inf input pixel would turn
+  ``0 * x`` into NaN in those channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deployplug.capture import Graph, Node
+from deployplug.decompose.registry import register_rule
+from deployplug.decompose.rules._common import in_shape
+
+
+def _pads(node: Node) -> list[int]:
+    return list(node.args.get("pad") or node.args.get("padding") or [])
+
+
+def _mode(node: Node) -> str:
+    return node.args.get("mode", "constant") if node.op == "pad" else "constant"
+
+
+def _value(node: Node) -> float:
+    value = node.args.get("value")
+    return 0.0 if value is None else float(value)
+
+
+class SymmetricPadCrop(nn.Module):
+    """Exact H/W padding from a symmetric pad and a crop."""
+
+    def __init__(self, pads: list[int], mode: str, value: float, out_hw: tuple[int, int]):
+        super().__init__()
+        left, right, top, bottom = (pads + [0, 0, 0, 0])[:4]
+        self.sym_w, self.sym_h = max(left, right, 0), max(top, bottom, 0)
+        self.start = (self.sym_h - top, self.sym_w - left)
+        self.out_hw, self.mode, self.value = tuple(out_hw), mode, value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sym_w or self.sym_h:
+            pads = (self.sym_w, self.sym_w, self.sym_h, self.sym_h)
+            if self.mode == "constant":
+                x = F.pad(x, pads, value=self.value)
+            else:
+                x = F.pad(x, pads, mode=self.mode)
+        (sh, sw), (oh, ow) = self.start, self.out_hw
+        if (sh, sw) == (0, 0) and tuple(x.shape[2:]) == (oh, ow):
+            return x
+        return x[:, :, sh:sh + oh, sw:sw + ow]
+
+
+def _spatial_only(node: Node, graph: Graph) -> bool:
+    pads = _pads(node)
+    shape = in_shape(node, graph)
+    if len(shape) != 4 or (len(pads) not in (2, 4) and any(pads[4:])):
+        return False
+    pads = (pads + [0, 0, 0, 0])[:4]
+    asymmetric = pads[0] != pads[1] or pads[2] != pads[3] or min(pads) < 0
+    if not asymmetric:
+        return False
+    if _mode(node) == "reflect":
+        h, w = shape[2:]
+        return max(pads[0], pads[1]) < w and max(pads[2], pads[3]) < h
+    return True
+
+
+def _build_spatial(node: Node, graph: Graph) -> nn.Module:
+    return SymmetricPadCrop(_pads(node), _mode(node), _value(node), node.shape[2:])
+
+
+class ChannelPad(nn.Module):
+    """Constant channel padding (or cropping) by concatenation, then any H/W padding."""
+
+    def __init__(self, channels: int, before: int, after: int, value: float, spatial: list[int]):
+        super().__init__()
+        self.before, self.after, self.channels = before, after, channels
+        self.spatial, self.value = spatial, value
+        for name, count in (("before", before), ("after", after)):
+            if count > 0:
+                self.register_buffer(f"{name}_w", torch.zeros(count, channels, 1, 1))
+                self.register_buffer(f"{name}_b", torch.full((count,), value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = max(-self.before, 0), self.channels - max(-self.after, 0)
+        core = x if (lo, hi) == (0, self.channels) else x[:, lo:hi]
+        parts = []
+        if self.before > 0:
+            parts.append(F.conv2d(x, self.before_w, self.before_b))
+        parts.append(core)
+        if self.after > 0:
+            parts.append(F.conv2d(x, self.after_w, self.after_b))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if any(self.spatial):
+            y = F.pad(y, self.spatial, value=self.value)
+        return y
+
+
+def _channel_pad(node: Node, graph: Graph) -> bool:
+    pads = _pads(node)
+    return (len(in_shape(node, graph)) == 4 and _mode(node) == "constant" and len(pads) >= 6
+            and any(pads[4:6]) and not any(pads[6:]))
+
+
+def _build_channel(node: Node, graph: Graph) -> nn.Module:
+    pads = _pads(node)
+    return ChannelPad(in_shape(node, graph)[1], pads[4], pads[5], _value(node), pads[:4])
+
+
+for _op in ("pad", "constant_pad_nd"):
+    register_rule(name=f"{_op}_symmetric_crop", op=_op, predicate=_spatial_only, priority=10,
+                  description="asymmetric/negative H/W pad as symmetric pad + crop",
+                  requires=("a 4-D input padded on H/W only, asymmetrically (reflect: pads "
+                            "smaller than the axis)"))(_build_spatial)
+    register_rule(name=f"{_op}_channels_concat", op=_op, predicate=_channel_pad, priority=10,
+                  description="constant channel pad as zero-weight 1x1 conv + concat",
+                  requires="a 4-D input, constant mode, padding along channels only (not batch)")(
+        _build_channel)
