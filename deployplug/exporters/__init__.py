@@ -1,4 +1,4 @@
-"""Artifact formats by name. Each module registers one :class:`~deployplug.exporters.base.Exporter`."""
+"""Artifact formats by name; each module registers one :class:`~.base.Exporter`."""
 
 from __future__ import annotations
 

@@ -1,0 +1,397 @@
+"""What re-parameterization buys: RepVGG-A0 latency in training form, fused, and as a plain VGG.
+
+Measures, in one run, on batch 1 x 3 x 224 x 224:
+
+* correctness: fused vs training form (fp32), plain vs fused, onnxruntime vs PyTorch;
+* PyTorch eager latency of the three forms (train/fused, fused/plain ratios);
+* onnxruntime latency of the three exported forms (train/fused, fused/plain ratios);
+* the time ``deployplug.reparam.reparameterize`` takes for the whole model.
+
+Method (the machine is usually shared, so noise control matters more than raw speed):
+
+* each comparison group is timed interleaved: round-robin, the start rotated each round,
+  after warm-up calls; cells give median [p25-p75] (n) and ratios are given both as the ratio
+  of medians and as the median of per-round paired ratios;
+* foreign CPU use (from /proc/stat, minus this process and its children) is measured around
+  every group; before a group the script waits for a quiet moment, and it re-runs a group when
+  other processes used more than ``--max-load`` cores (the least loaded attempt is kept and
+  its load is printed);
+* interleaved ORT sessions run with ``session.intra_op.allow_spinning=0``: idle spinning
+  workers of one session would otherwise steal a core from the session being timed. Each
+  ORT session is also timed alone with default (spinning) threads for absolute numbers.
+
+Usage: python scripts/bench_reparam.py [--rounds 30] [--json out.json] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from deployplug import models
+from deployplug.blocks import RepVGGBlock
+from deployplug.reparam import reparameterize
+from deployplug.testing import normalized_error, randomize_batchnorm
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------- load probe
+
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, steal) jiffies of the whole machine; busy excludes idle, iowait and steal."""
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (vals + [0] * 8)[:8]
+    return user + nice + system + irq + softirq, steal
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class LoadProbe:
+    """Cores used by *other* processes (and stolen by the hypervisor) over a time window."""
+
+    def __enter__(self) -> LoadProbe:
+        self.busy0, self.steal0 = _machine_jiffies()
+        self.own0, self.wall0 = _own_cpu(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, steal = _machine_jiffies()
+        wall = max(time.perf_counter() - self.wall0, 1e-9)
+        own = _own_cpu() - self.own0
+        self.others = max(0.0, ((busy - self.busy0) / HZ - own) / wall)
+        self.steal = (steal - self.steal0) / HZ / wall
+
+
+def wait_for_quiet(max_load: float, quiet_s: float = 2.0, timeout_s: float = 300.0) -> float:
+    """Block until other processes used < max_load cores for ``quiet_s``; returns waited s."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        with LoadProbe() as probe:
+            time.sleep(quiet_s)
+        if probe.others < max_load:
+            break
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------ timing
+
+@dataclass
+class GroupResult:
+    times: dict[str, list[float]]
+    others: float
+    steal: float
+    attempt: int
+    waited: float
+    notes: list[str] = field(default_factory=list)
+
+    def load_text(self) -> str:
+        return (f"other processes {self.others:.2f} cores, steal {self.steal:.2f}, "
+                f"attempt {self.attempt}, waited {self.waited:.0f} s for quiet")
+
+
+def cell(ts: list[float]) -> str:
+    q = np.percentile(np.array(ts) * 1e3, [25, 50, 75])
+    return f"{q[1]:.2f} ms [{q[0]:.2f}-{q[2]:.2f}] (n={len(ts)})"
+
+
+def median_ms(ts: list[float]) -> float:
+    return statistics.median(ts) * 1e3
+
+
+def ratio(res: GroupResult, a: str, b: str) -> tuple[float, float, float, float]:
+    """(ratio of medians, paired median, paired p25, paired p75) of a / b."""
+    paired = np.array(res.times[a]) / np.array(res.times[b])
+    p25, p50, p75 = np.percentile(paired, [25, 50, 75])
+    return median_ms(res.times[a]) / median_ms(res.times[b]), p50, p25, p75
+
+
+def ratio_text(res: GroupResult, a: str, b: str) -> str:
+    r, p50, p25, p75 = ratio(res, a, b)
+    return f"{r:.2f}x (paired {p50:.2f}x [{p25:.2f}-{p75:.2f}])"
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int,
+                max_load: float, attempts: int) -> GroupResult:
+    """Round-robin timing with a rotating start; retried while others load the machine."""
+    names = list(fns)
+    best: GroupResult | None = None
+    for attempt in range(1, attempts + 1):
+        waited = wait_for_quiet(max_load)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        with LoadProbe() as probe:
+            for n in names:
+                for _ in range(warmup):
+                    fns[n]()
+            for r in range(rounds):
+                for i in range(len(names)):
+                    n = names[(r + i) % len(names)]
+                    t0 = time.perf_counter()
+                    fns[n]()
+                    times[n].append(time.perf_counter() - t0)
+        res = GroupResult(times, probe.others, probe.steal, attempt, waited)
+        if best is None or res.others < best.others:
+            best = res
+        if probe.others <= max_load:
+            break
+    assert best is not None
+    return best
+
+
+def alone(fns: dict[str, Callable[[], object]], rounds: int, warmup: int,
+          max_load: float, attempts: int) -> GroupResult:
+    """Each function timed in its own block, in the order A B C C B A (half the rounds each)."""
+    names = list(fns)
+    order = names + names[::-1]
+    best: GroupResult | None = None
+    for attempt in range(1, attempts + 1):
+        waited = wait_for_quiet(max_load)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        with LoadProbe() as probe:
+            for n in order:
+                for _ in range(warmup):
+                    fns[n]()
+                for _ in range(max(1, rounds // 2)):
+                    t0 = time.perf_counter()
+                    fns[n]()
+                    times[n].append(time.perf_counter() - t0)
+        res = GroupResult(times, probe.others, probe.steal, attempt, waited)
+        if best is None or res.others < best.others:
+            best = res
+        if probe.others <= max_load:
+            break
+    assert best is not None
+    return best
+
+
+# ------------------------------------------------------------------------------ models
+
+def plain_vgg(fused: nn.Module) -> nn.Module:
+    """The deploy form rebuilt by hand: Conv2d+ReLU pairs carrying the fused weights."""
+    layers: list[nn.Module] = []
+    for block in fused.modules():
+        if isinstance(block, RepVGGBlock):
+            src = block.reparam
+            conv = nn.Conv2d(src.in_channels, src.out_channels, src.kernel_size, src.stride,
+                             src.padding, src.dilation, src.groups, bias=True)
+            conv.weight.data.copy_(src.weight.data)
+            conv.bias.data.copy_(src.bias.data)
+            layers += [conv, nn.ReLU()]
+    head = nn.Linear(fused.linear.in_features, fused.linear.out_features)
+    head.load_state_dict(fused.linear.state_dict())
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1), head]
+    return nn.Sequential(*layers).eval()
+
+
+def export(model: nn.Module, x: torch.Tensor, path: Path) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+    elapsed = time.perf_counter() - t0
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    desc = f"{sum(ops.values())} nodes: " + ", ".join(f"{k} {v}" for k, v in ops.most_common())
+    return elapsed, desc
+
+
+def session(path: Path, threads: int, spinning: bool) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+# -------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-load", type=float, default=0.3)
+    ap.add_argument("--attempts", type=int, default=4)
+    ap.add_argument("--fusion-runs", type=int, default=10)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows: list[tuple[str, str]] = []
+    raw: dict[str, object] = {}
+
+    def add(metric: str, value: str) -> None:
+        rows.append((metric, value))
+        print(f"{metric}: {value}", flush=True)
+
+    add("machine", f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus; "
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}, onnx {onnx.__version__}")
+    add("threads", f"torch {args.threads} intra-op; ORT intra_op_num_threads={args.threads}, "
+        "inter_op 1, sequential")
+
+    train = randomize_batchnorm(models.build("repvgg_a0"), seed=0).eval()
+    x = torch.randn(1, 3, 224, 224)
+
+    # ---- fusion time
+    def fuse_copy() -> None:
+        reparameterize(train)
+
+    fusion = interleaved({"reparameterize(model)": fuse_copy}, args.fusion_runs, 2,
+                         args.max_load, args.attempts)
+    add("fusion time, whole A0, reparameterize(model) (copy + blocks + conv/BN pass)",
+        f"{cell(fusion.times['reparameterize(model)'])}; {fusion.load_text()}")
+    best_inplace: tuple[float, list[float]] | None = None
+    for _ in range(args.attempts):  # copy not timed, so the interleaved helper does not fit
+        wait_for_quiet(args.max_load)
+        times = []
+        with LoadProbe() as probe:
+            for _ in range(args.fusion_runs):
+                victim = copy.deepcopy(train)
+                t0 = time.perf_counter()
+                reparameterize(victim, inplace=True)
+                times.append(time.perf_counter() - t0)
+        if best_inplace is None or probe.others < best_inplace[0]:
+            best_inplace = (probe.others, times)
+        if probe.others <= args.max_load:
+            break
+    assert best_inplace is not None
+    inplace_load, inplace_times = best_inplace
+    add("fusion time, whole A0, reparameterize(model, inplace=True) (copy not timed)",
+        f"{cell(inplace_times)}; other processes {inplace_load:.2f} cores")
+    raw["fusion_s"] = fusion.times["reparameterize(model)"]
+    raw["fusion_inplace_s"] = inplace_times
+
+    fused = reparameterize(train)
+    plain = plain_vgg(fused)
+    n_train = sum(p.numel() for p in train.parameters())
+    n_fused = sum(p.numel() for p in fused.parameters())
+    add("params train / fused", f"{n_train / 1e6:.2f}M / {n_fused / 1e6:.2f}M")
+
+    # ---- correctness
+    with torch.no_grad():
+        y_train, y_fused, y_plain = train(x), fused(x), plain(x)
+        train64 = copy.deepcopy(train).double()
+        y_train64 = train64(x.double())
+        y_fused64 = reparameterize(train64)(x.double())
+    add("fp32 normalized error |fused - train| / max|train|",
+        f"{normalized_error(y_fused, y_train):.3e} (max|logit| {y_train.abs().max():.1f})")
+    add("fp64 normalized error |fused - train|", f"{normalized_error(y_fused64, y_train64):.3e}")
+    add("fp32 train vs fp64 train (the model's own fp32 noise)",
+        f"{normalized_error(y_train, y_train64):.3e}")
+    add("|plain - fused| max abs", f"{(y_plain - y_fused).abs().max().item():.3e}")
+
+    # ---- PyTorch eager latency: under no_grad (typical eval code) and inference_mode (lower
+    # per-op overhead, which favours the training form's many small ops)
+    def runner(model: nn.Module, mode: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            with mode():
+                return model(x)
+        return run
+
+    forms = {"train": train, "fused": fused, "plain": plain}
+    pts = {}
+    for label, mode in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
+        pt = interleaved({n: runner(m, mode) for n, m in forms.items()},
+                         args.rounds, args.warmup, args.max_load, args.attempts)
+        pts[label] = pt
+        add(f"PyTorch [{label}] group load", pt.load_text())
+        for name in forms:
+            add(f"PyTorch [{label}] eager latency {name}", cell(pt.times[name]))
+        add(f"PyTorch [{label}] ratio train/fused", ratio_text(pt, "train", "fused"))
+        add(f"PyTorch [{label}] ratio fused/plain", ratio_text(pt, "fused", "plain"))
+        raw[f"pytorch_{label}_s"] = pt.times
+    pt = pts["no_grad"]
+
+    # ---- ONNX + onnxruntime
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory()
+        workdir = Path(tmp.name)
+    else:
+        workdir = args.workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+    paths = {name: workdir / f"a0_{name}.onnx" for name in ("train", "fused", "plain")}
+    for name, model in (("train", train), ("fused", fused), ("plain", plain)):
+        secs, desc = export(model, x, paths[name])
+        add(f"ONNX {name} (dynamo=False, opset 17)", f"export {secs:.2f} s; {desc}")
+    feed = {"x": x.numpy()}
+    sessions = {n: session(p, args.threads, spinning=False) for n, p in paths.items()}
+    for name, sess in sessions.items():
+        y = sess.run(None, feed)[0]
+        ref = {"train": y_train, "fused": y_fused, "plain": y_plain}[name]
+        add(f"ORT vs PyTorch ({name}) normalized", f"{normalized_error(y, ref):.3e}")
+    add("ORT fused vs PyTorch train-form normalized",
+        f"{normalized_error(sessions['fused'].run(None, feed)[0], y_train):.3e}")
+
+    ortg = interleaved({n: (lambda s=s: s.run(None, feed)) for n, s in sessions.items()},
+                       args.rounds, args.warmup, args.max_load, args.attempts)
+    add("ORT group load (interleaved, spinning off)", ortg.load_text())
+    for name in ("train", "fused", "plain"):
+        add(f"ORT latency {name}", cell(ortg.times[name]))
+    add("ORT ratio train/fused", ratio_text(ortg, "train", "fused"))
+    add("ORT ratio fused/plain", ratio_text(ortg, "fused", "plain"))
+    raw["ort_s"] = ortg.times
+    del sessions
+
+    spin = {n: session(p, args.threads, spinning=True) for n, p in paths.items()}
+    lone = alone({n: (lambda s=s: s.run(None, feed)) for n, s in spin.items()},
+                 args.rounds, args.warmup, args.max_load, args.attempts)
+    add("ORT sessions-alone load (default spinning threads)", lone.load_text())
+    for name in ("train", "fused", "plain"):
+        add(f"ORT latency {name}, session alone, default spinning", cell(lone.times[name]))
+    add("ORT (alone) ratio train/fused",
+        f"{median_ms(lone.times['train']) / median_ms(lone.times['fused']):.2f}x")
+    add("ORT (alone) ratio fused/plain",
+        f"{median_ms(lone.times['fused']) / median_ms(lone.times['plain']):.2f}x")
+    raw["ort_alone_s"] = lone.times
+    if tmp is not None:
+        tmp.cleanup()
+
+    # ---- summary
+    fusion_ms = median_ms(fusion.times["reparameterize(model)"])
+    checks = [
+        ("PyTorch [no_grad] train/fused >= 1.5", ratio(pt, "train", "fused")[0] >= 1.5),
+        ("ORT fused/plain <= 1.05", ratio(ortg, "fused", "plain")[0] <= 1.05),
+        ("fusion < 50 ms", fusion_ms < 50),
+    ]
+    for text, ok in checks:
+        add(f"target {text}", "met" if ok else "NOT met")
+
+    print("\n| metric | value |\n|---|---|")
+
+    def md(text: str) -> str:
+        return text.replace("|", r"\|")
+
+    for metric, value in rows:
+        print(f"| {md(metric)} | {md(value)} |")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "raw": raw}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
