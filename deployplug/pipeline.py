@@ -99,12 +99,19 @@ def verification_samples(
 
 
 def _legal_model(model: nn.Module, profile: TargetProfile, inputs: tuple[torch.Tensor, ...],
-                 decompose: bool) -> nn.Module:
+                 decompose: bool) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """The target-legal model and the rewrites that made it so (for the manifest)."""
     if not decompose or profile.accepts_everything:
-        return model
-    from deployplug.decompose import decompose as run_decompose
+        return model, []
+    from deployplug.decompose.apply import run_decompose
+    from deployplug.errors import UnsupportedOpError
 
-    return run_decompose(model, profile, inputs)
+    result = run_decompose(model, profile, inputs)
+    if result.offenders:
+        raise UnsupportedOpError(result.offenders)
+    rewrites = [{"op": a.op, "module_path": a.module_path, "rule": a.rule}
+                for a in result.applied]
+    return result.module, rewrites
 
 
 def _staging_dir(out_dir: Path) -> Path:
@@ -173,7 +180,8 @@ def export(
         records: dict[str, FormatRecord] = {}
         legal_models: dict[str, nn.Module] = {}
         for fmt, profile in profiles.items():
-            legal = legal_models[fmt] = _legal_model(deploy_model, profile, inputs, decompose)
+            legal, rewrites = _legal_model(deploy_model, profile, inputs, decompose)
+            legal_models[fmt] = legal
             options = (onnx_options or {}) if fmt == "onnx" else {}
             try:
                 records[fmt] = get_exporter(fmt).write(legal, inputs, staging, profile, **options)
@@ -181,6 +189,7 @@ def export(
                 raise
             except Exception as exc:
                 raise ExportFailedError(fmt, f"{type(exc).__name__}: {exc}") from exc
+            records[fmt].info["decomposed"] = rewrites
 
         save_reference(staging / REFERENCE_FILE, samples, references)
         report = None
