@@ -157,6 +157,28 @@ def test_final_export_writes_verified_fused_artifacts_and_leaves_module_intact(t
     assert callback.exports["final"]["metrics"]["deploy/onnx/val_agreement"] == 1.0
 
 
+@pytest.mark.parametrize("target", [None, "om"])
+def test_fit_end_export_in_all_three_formats(tmp_path, target):
+    module = tiny_module()
+    callback = DeployCallback(formats=["onnx", "caffe", "msnhnet"], target=target)
+    make_trainer(tmp_path, [callback]).fit(module, tiny_data())
+
+    final = run_dir(tmp_path) / "deploy" / "final"
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["passed"] is True
+    assert manifest["formats"]["caffe"]["target"] == (target or "caffe")
+    assert manifest["formats"]["msnhnet"]["target"] == "msnhnet"
+    for name in ("model.onnx", "model.prototxt", "model.caffemodel", "model.msnhnet",
+                 "model.msnhbin"):
+        assert (final / name).stat().st_size > 0
+    metrics = logged_metrics(tmp_path)
+    for fmt in ("onnx", "caffe", "msnhnet"):
+        assert metrics[f"deploy/{fmt}/passed"] == 1.0
+        assert metrics[f"deploy/{fmt}/max_error"] <= 1e-5
+    assert verify(final, model=module.net).passed
+    assert_checkpoint_loads(tmp_path)
+
+
 def test_best_checkpoint_exports_match_each_checkpoint(tmp_path):
     callback = DeployCallback(export_on=["best_checkpoint"], preflight="off")
     every_epoch = ModelCheckpoint(save_top_k=-1, filename="{epoch}")
