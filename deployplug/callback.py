@@ -139,7 +139,7 @@ def target_for(fmt: str, target: str | None) -> str:
     """The target profile checked for ``fmt``: ``target`` when it belongs to that format."""
     if target is None:
         return fmt
-    from deployplug.targets import get_target
+    from deployplug.profiles import get_target
 
     return target if get_target(target).format == fmt else fmt
 
@@ -151,7 +151,7 @@ def preflight_reports(network: nn.Module, example: Example, formats: Sequence[st
     The fused network is checked, since that is what gets exported (fusing also fails fast
     on a BatchNorm without running statistics).
     """
-    from deployplug.check import check
+    from deployplug.preflight import check
     from deployplug.reparam import reparameterize
 
     network = reparameterize(network)

@@ -30,7 +30,7 @@ from deployplug.errors import (
 from deployplug.exporters import get_exporter
 from deployplug.exporters.base import FormatRecord
 from deployplug.manifest import Manifest, describe_files
-from deployplug.targets import TargetProfile, get_target
+from deployplug.profiles import TargetProfile, get_target
 from deployplug.verification import (
     DEFAULT_TOLERANCE,
     REFERENCE_FILE,
@@ -103,7 +103,7 @@ def _legal_model(model: nn.Module, profile: TargetProfile, inputs: tuple[torch.T
     """The target-legal model and the rewrites that made it so (for the manifest)."""
     if not decompose or profile.accepts_everything:
         return model, []
-    from deployplug.decompose.apply import run_decompose
+    from deployplug.decompositions.apply import run_decompose
     from deployplug.errors import UnsupportedOpError
 
     result = run_decompose(model, profile, inputs)

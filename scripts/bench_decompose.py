@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node
-from deployplug.decompose import decompose
-from deployplug.targets import TargetProfile, get_target
+from deployplug.decompositions import decompose
+from deployplug.profiles import TargetProfile, get_target
 from deployplug.testing import normalized_error
 
 HZ = os.sysconf("SC_CLK_TCK")

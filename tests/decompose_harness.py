@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from deployplug.capture import Graph, Node, Ref, Value, _op_name, capture
-from deployplug.decompose import choose_rule
-from deployplug.targets import TargetProfile
+from deployplug.decompositions import choose_rule
+from deployplug.profiles import TargetProfile
 from deployplug.testing import normalized_error
 
 TOL = 1e-5

@@ -71,7 +71,8 @@ def test_fused_block_matches_branches(case):
     assert block.deployed and not hasattr(block, "conv_kxk")
     assert fused.shape == ref.shape
     assert normalized_error(fused, ref) <= TOL[dtype]
-    assert normalized_error(out, ref_out, floor=1.0) <= TOL[dtype]
+    # after ReLU most outputs can be zero: scale by the pre-activation magnitude instead
+    assert normalized_error(out, ref_out, floor=float(ref.abs().max())) <= TOL[dtype]
     conv = block.reparam
     assert conv.weight.dtype == dtype and conv.bias.dtype == dtype
     assert torch.equal(conv.weight, kernel) and torch.equal(conv.bias, bias)

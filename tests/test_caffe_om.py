@@ -14,7 +14,7 @@ from deployplug.exporters import get_exporter
 from deployplug.exporters.caffe import om_check
 from deployplug.exporters.caffe.schema import messages
 from deployplug.exporters.caffe.writer import read_prototxt
-from deployplug.targets import get_target
+from deployplug.profiles import get_target
 from deployplug.testing import normalized_error, randomize_batchnorm
 
 EXPORTER = get_exporter("caffe")
@@ -156,7 +156,7 @@ def test_global_pooling_within_limit_is_accepted(tmp_path):
 def test_unet_with_asymmetric_pad_after_decomposition(tmp_path):
     """om refuses the U-Net's asymmetric pad; the decomposition rules make it legal."""
     import deployplug.models as models
-    from deployplug.decompose import decompose
+    from deployplug.decompositions import decompose
 
     model = randomize_batchnorm(models.build("unet_like", num_classes=4), seed=3).eval()
     x = torch.randn(1, 3, 21, 18)

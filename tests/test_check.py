@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from decompose_harness import caffe_like
 from torch import nn
 
-from deployplug.check import DECOMPOSED, NATIVE, UNSUPPORTED, CompatReport, check
-from deployplug.decompose import run_decompose
+from deployplug.decompositions import run_decompose
 from deployplug.errors import UnsupportedOpError
+from deployplug.preflight import DECOMPOSED, NATIVE, UNSUPPORTED, CompatReport, check
 
 
 class Spectral(nn.Module):

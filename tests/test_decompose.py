@@ -10,9 +10,9 @@ from decompose_harness import caffe_like, onnx_run, refusing
 from torch import nn
 
 from deployplug.capture import capture
-from deployplug.decompose import decompose, run_decompose
+from deployplug.decompositions import decompose, run_decompose
 from deployplug.errors import UnsupportedOpError
-from deployplug.targets import targets
+from deployplug.profiles import targets
 from deployplug.testing import normalized_error, randomize_batchnorm
 
 
@@ -183,7 +183,7 @@ def test_profiles_conv3d_and_instance_norm(profile):
 @pytest.mark.parametrize("target", ["caffe", "om"])
 def test_real_caffe_and_om_profiles_leave_nothing_forbidden(target, mixed):
     """The shipped profiles: every op of the mixed model is rewritten into legal ones."""
-    from deployplug.targets import get_target
+    from deployplug.profiles import get_target
 
     model, x = mixed
     profile = get_target(target)

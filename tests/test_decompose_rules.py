@@ -5,7 +5,7 @@ import torch
 from decompose_harness import A, aten_node
 from torch import nn
 
-from deployplug.decompose import (
+from deployplug.decompositions import (
     Rule,
     RuleConflictError,
     all_rules,

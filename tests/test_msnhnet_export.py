@@ -17,8 +17,8 @@ from deployplug.errors import UnsupportedOpError
 from deployplug.exporters import get_exporter
 from deployplug.exporters.msnhnet import GRAPH_FILE, WEIGHTS_FILE, MsnhNetExporter, run_files
 from deployplug.exporters.msnhnet import write_files as write_graph
+from deployplug.profiles import get_target
 from deployplug.runtimes import msnhnet as rt
-from deployplug.targets import get_target
 from deployplug.testing import normalized_error, randomize_batchnorm
 
 TOL = 1e-5

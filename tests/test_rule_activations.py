@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from deployplug.capture import capture
-from deployplug.decompose import choose_rule, decompose
-from deployplug.decompose.rules.activations import GeluErf
+from deployplug.decompositions import choose_rule, decompose
+from deployplug.decompositions.rules.activations import GeluErf
 
 aten = torch.ops.aten
 CASES = {

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deployplug.capture import Graph, Node
-from deployplug.decompose import decompose
+from deployplug.decompositions import decompose
 
 adaptive = torch.ops.aten.adaptive_avg_pool2d.default
 mean = torch.ops.aten.mean.dim
@@ -50,7 +50,7 @@ def _om_like() -> object:
     def reduction(node: Node, graph: Graph) -> str | None:
         return "no reductions over H, W"
 
-    from deployplug.targets import TargetProfile
+    from deployplug.profiles import TargetProfile
 
     return TargetProfile("om", "caffe", "test", ops={"max_pool2d": pool, "avg_pool2d": pool,
                                                      "adaptive_avg_pool2d": gap,

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from deployplug.capture import capture
-from deployplug.decompose.rules.conv3d import Conv3dAsConv2d
+from deployplug.decompositions.rules.conv3d import Conv3dAsConv2d
 
 conv3d = torch.ops.aten.conv3d.default
 

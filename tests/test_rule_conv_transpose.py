@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from deployplug.capture import capture
-from deployplug.decompose import choose_rule
+from deployplug.decompositions import choose_rule
 
 convt = torch.ops.aten.conv_transpose2d.input
 

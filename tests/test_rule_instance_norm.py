@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from deployplug.capture import capture
-from deployplug.decompose import choose_rule
-from deployplug.decompose.rules.instance_norm import InstanceNormBroadcast
+from deployplug.decompositions import choose_rule
+from deployplug.decompositions.rules.instance_norm import InstanceNormBroadcast
 
 inorm = torch.ops.aten.instance_norm.default
 

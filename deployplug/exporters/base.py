@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deployplug.targets import TargetProfile
+from deployplug.profiles import TargetProfile
 
 
 @dataclass

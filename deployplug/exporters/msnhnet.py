@@ -32,14 +32,14 @@ from deployplug.exporters.base import Exporter, FormatRecord
 from deployplug.exporters.msnhnet_emit import INPUT, Emitter, NeedInputLayer, canonical
 from deployplug.exporters.msnhnet_ops import RULES, refusal
 from deployplug.exporters.msnhnet_text import MLayer, render_bin, render_text
+from deployplug.profiles import TargetProfile
 from deployplug.runtimes import msnhnet as runtime
-from deployplug.targets import TargetProfile
 
 TARGET = "msnhnet"
 GRAPH_FILE, WEIGHTS_FILE = "model.msnhnet", "model.msnhbin"
 
 _SUGGESTIONS = (
-    "run deployplug.decompose(model, 'msnhnet') to rewrite it into supported ops",
+    "run deployplug.decompositions(model, 'msnhnet') to rewrite it into supported ops",
     "or export this model to ONNX instead",
 )
 

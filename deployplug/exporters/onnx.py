@@ -25,7 +25,7 @@ from torch import nn
 from deployplug.errors import ExportFailedError
 from deployplug.exporters import register_exporter
 from deployplug.exporters.base import Exporter, FormatRecord
-from deployplug.targets import TargetProfile
+from deployplug.profiles import TargetProfile
 
 ONNX_FILE = "model.onnx"
 

@@ -28,7 +28,7 @@ from deployplug.exporters.base import Exporter, FormatRecord
 from deployplug.exporters.caffe import lower as lowering
 from deployplug.exporters.caffe import om_check, writer
 from deployplug.exporters.caffe.schema import messages
-from deployplug.targets import TargetProfile, get_target
+from deployplug.profiles import TargetProfile, get_target
 
 DIALECT_OF_TARGET = {"caffe": "bvlc", "om": "om"}
 

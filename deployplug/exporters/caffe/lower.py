@@ -2,7 +2,7 @@
 
 Each normalized op has one *rule*: a ``check`` saying whether (and why not) the node can be
 expressed exactly, and an ``emit`` that appends layers. The target profiles in
-:mod:`deployplug.targets.caffe` reuse the checks, so "what Caffe can express" is written once.
+:mod:`deployplug.profiles.caffe` reuse the checks, so "what Caffe can express" is written once.
 
 Ops BVLC Caffe has no layer for are composed here from exact primitives (all verified in
 OpenCV against PyTorch):
@@ -103,12 +103,12 @@ def refusal(node: Node, graph: Graph, dialect: str = "bvlc") -> str | None:
         return f"unexpected arguments for '{node.op}': {exc}"
 
 
-_DEFAULT_HINT = "rewrite it with deployplug.decompose, or change the model"
+_DEFAULT_HINT = "rewrite it with deployplug.decompositions, or change the model"
 SUGGESTIONS = {
-    "conv_transpose2d": "set output_padding=0, or let deployplug.decompose rewrite it",
+    "conv_transpose2d": "set output_padding=0, or let deployplug.decompositions rewrite it",
     "add": "Caffe Eltwise cannot broadcast; make both operands the same shape",
     "sub": "Caffe Eltwise cannot broadcast; make both operands the same shape",
-    "upsample_nearest2d": "use integer scale factors, or let deployplug.decompose rewrite it",
+    "upsample_nearest2d": "use integer scale factors, or let deployplug.decompositions rewrite it",
     "upsample_bilinear2d": "use integer scale factors with align_corners=False",
 }
 

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from deployplug.capture import Graph, Node, export_program, graph_from_program
-from deployplug.decompose.registry import Rule, choose_rule, why_not
+from deployplug.decompositions.registry import Rule, choose_rule, why_not
 from deployplug.errors import DeployError, OffendingOp, UnsupportedOpError
-from deployplug.targets import TargetProfile, get_target
+from deployplug.profiles import TargetProfile, get_target
 
 MAX_ROUNDS = 8
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node
-from deployplug.decompose.registry import register_rule
-from deployplug.decompose.rules._common import in_shape, pair, split_factors
+from deployplug.decompositions.registry import register_rule
+from deployplug.decompositions.rules._common import in_shape, pair, split_factors
 
 KERNEL_LIMIT = 32
 

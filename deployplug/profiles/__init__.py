@@ -70,12 +70,5 @@ def targets() -> list[TargetProfile]:
 
 
 def _load_builtin() -> None:
-    # Imported lazily so each profile module can import this one without a cycle.
-    import importlib
-
-    for mod in ("onnx", "caffe", "msnhnet"):
-        try:
-            importlib.import_module(f"deployplug.targets.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"deployplug.targets.{mod}":
-                raise
+    # Each profile module registers itself on import; imported lazily to avoid a cycle.
+    from deployplug.profiles import caffe, msnhnet, onnx  # noqa: F401

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node
-from deployplug.decompose.registry import register_rule
-from deployplug.decompose.rules._common import in_shape
-from deployplug.decompose.rules.conv3d import BatchNormAs2d
+from deployplug.decompositions.registry import register_rule
+from deployplug.decompositions.rules._common import in_shape
+from deployplug.decompositions.rules.conv3d import BatchNormAs2d
 
 
 def _channel_view(t: torch.Tensor | None) -> torch.Tensor | None:

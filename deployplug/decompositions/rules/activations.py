@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from deployplug.capture import Graph, Node
-from deployplug.decompose.registry import register_rule
-from deployplug.decompose.rules._common import is_number
+from deployplug.decompositions.registry import register_rule
+from deployplug.decompositions.rules._common import is_number
 
 # Abramowitz & Stegun 7.1.26.
 _P = 0.3275911

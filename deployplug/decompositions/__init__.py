@@ -2,12 +2,12 @@
 
 ``decompose(model, target, example_input)`` returns a copy of ``model`` in which every op the
 target profile refuses has been replaced by a module built from ops it accepts. Rules live
-in :mod:`deployplug.decompose.rules`, one module per concept, and register themselves with
+in :mod:`deployplug.decompositions.rules`, one module per concept, and register themselves with
 :func:`register_rule`.
 """
 
-from deployplug.decompose.apply import decompose, run_decompose
-from deployplug.decompose.registry import (
+from deployplug.decompositions.apply import decompose, run_decompose
+from deployplug.decompositions.registry import (
     ANY_TARGET,
     Rule,
     RuleConflictError,

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node, Ref
-from deployplug.decompose.registry import register_rule
-from deployplug.decompose.rules._common import is_number
+from deployplug.decompositions.registry import register_rule
+from deployplug.decompositions.rules._common import is_number
 
 ARITH_OPS = ("add", "sub", "rsub", "mul", "div")
 

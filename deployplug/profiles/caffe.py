@@ -21,7 +21,7 @@ from functools import partial
 
 from deployplug.capture import Graph, Node
 from deployplug.exporters.caffe import lower
-from deployplug.targets import TargetProfile, register_target
+from deployplug.profiles import TargetProfile, register_target
 
 MAX_POOL_WINDOW = 32
 

@@ -1,6 +1,6 @@
 """The ONNX target: everything ``torch.onnx`` exports and onnxruntime runs needs no rewrite."""
 
-from deployplug.targets import TargetProfile, register_target
+from deployplug.profiles import TargetProfile, register_target
 
 ONNX = register_target(
     TargetProfile(

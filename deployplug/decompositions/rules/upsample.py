@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node
-from deployplug.decompose.registry import register_rule
-from deployplug.decompose.rules._common import in_shape
+from deployplug.decompositions.registry import register_rule
+from deployplug.decompositions.rules._common import in_shape
 
 # Largest intermediate map (per channel) the nearest construction may create.
 MAX_INTERMEDIATE = 1 << 22

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from deployplug.errors import CaptureError, OffendingOp, UnsupportedOpError
-from deployplug.targets import TargetProfile, get_target
+from deployplug.profiles import TargetProfile, get_target
 
 NATIVE, DECOMPOSED, UNSUPPORTED = "native", "decomposed", "unsupported"
 
@@ -97,8 +97,8 @@ def check(
 ) -> CompatReport:
     """Which ops of ``model`` run natively on ``target``, which a rule rewrites, which fail."""
     from deployplug.capture import capture
-    from deployplug.decompose.apply import cpu_eval_copy, run_decompose
-    from deployplug.decompose.registry import why_not
+    from deployplug.decompositions.apply import cpu_eval_copy, run_decompose
+    from deployplug.decompositions.registry import why_not
 
     profile = get_target(target)
     report = CompatReport(target=profile.name)

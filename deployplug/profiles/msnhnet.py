@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from deployplug.capture import Graph, Node
 from deployplug.exporters.msnhnet_ops import RULES
-from deployplug.targets import NodeCheck, TargetProfile, register_target
+from deployplug.profiles import NodeCheck, TargetProfile, register_target
 
 
 def _checker(op: str) -> NodeCheck:

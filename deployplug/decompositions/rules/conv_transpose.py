@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node
-from deployplug.decompose.registry import register_rule
-from deployplug.decompose.rules._common import in_shape, pair
+from deployplug.decompositions.registry import register_rule
+from deployplug.decompositions.rules._common import in_shape, pair
 
 
 class ConvTransposeCropped(nn.Module):

@@ -1,6 +1,6 @@
 """Built-in decomposition rules; importing this package registers all of them."""
 
-from deployplug.decompose.rules import (  # noqa: F401
+from deployplug.decompositions.rules import (  # noqa: F401
     activations,
     adaptive_pool,
     constant_arith,

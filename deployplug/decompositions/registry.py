@@ -142,4 +142,4 @@ def why_not(node: Node, graph: Graph, target: str) -> tuple[str, ...]:
 
 def _load_builtin() -> None:
     # Rule modules register themselves on import; imported lazily to avoid import cycles.
-    from deployplug.decompose import rules  # noqa: F401
+    from deployplug.decompositions import rules  # noqa: F401
