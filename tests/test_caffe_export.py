@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fn_module import Fn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -41,19 +42,6 @@ def assert_close(model, inputs, out_dir, target="caffe", tol=TOL):
         errors.append(normalized_error(g, r))
     assert max(errors) <= tol, errors
     return record, errors
-
-
-class Fn(nn.Module):
-    """Wrap a function of the input (and optional constants) as a module."""
-
-    def __init__(self, fn, **modules):
-        super().__init__()
-        self.fn = fn
-        for k, v in modules.items():
-            setattr(self, k, v)
-
-    def forward(self, x):
-        return self.fn(self, x)
 
 
 # ----------------------------------------------------------------------------- reference nets

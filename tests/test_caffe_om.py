@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fn_module import Fn
 from google.protobuf import text_format
 from torch import nn
 
@@ -19,17 +20,6 @@ from deployplug.testing import normalized_error, randomize_batchnorm
 
 EXPORTER = get_exporter("caffe")
 TOL = 1e-5
-
-
-class Fn(nn.Module):
-    def __init__(self, fn, **modules):
-        super().__init__()
-        self.fn = fn
-        for k, v in modules.items():
-            setattr(self, k, v)
-
-    def forward(self, x):
-        return self.fn(self, x)
 
 
 def _decoder():
