@@ -22,7 +22,7 @@ import operator
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -213,12 +213,18 @@ def export_program(
         ) from exc
 
 
-def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> Graph:
-    """Capture ``model`` (put in eval mode by the caller) on ``example_inputs``."""
+def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor],
+            fold: bool = True) -> Graph:
+    """Capture ``model`` (put in eval mode by the caller) on ``example_inputs``.
+
+    With ``fold`` (the default) arithmetic on parameters alone (``self.scale.exp()``,
+    ``w.flip(1)``) is evaluated now, so every consumer of the graph sees constants there.
+    """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     program = export_program(model, example_inputs)
-    return graph_from_program(program)
+    graph = graph_from_program(program)
+    return fold_constants(graph) if fold else graph
 
 
 def graph_from_program(program: torch.export.ExportedProgram) -> Graph:
@@ -357,3 +363,53 @@ def format_graph(graph: Graph) -> str:
         lines.append(f"{n.name:<40} {n.op:<24} {n.inputs} -> {list(n.shape or ())}")
     lines.append(f"outputs: {', '.join(graph.outputs)}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def run_node(node: Node, args: dict[str, Any]) -> Any:
+    """Run one normalized node's ATen op on concrete arguments (bound by schema name)."""
+    if node.op == "getitem":
+        return operator.getitem(args["arg0"], args["arg1"])
+    fn: Any = torch.ops
+    for part in node.target.split("."):
+        fn = getattr(fn, part)
+    result = fn(**args)
+    if isinstance(result, (tuple, list)) and node.shape is not None:
+        result = result[0]  # collapsed multi-result ops: inference uses result 0 only
+    return result
+
+
+def _substitute(value: Any, env: dict[str, Any]) -> Any:
+    if isinstance(value, Ref) and value.name in env:
+        return env[value.name]
+    if isinstance(value, list):
+        return [_substitute(v, env) for v in value]
+    return value
+
+
+def evaluate(graph: Graph, inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """PyTorch's value of every graph value, by name: the reference for layer-by-layer checks."""
+    env: dict[str, Any] = {v.name: t for v, t in zip(graph.inputs, inputs, strict=True)}
+    with torch.no_grad():
+        for node in graph.nodes:
+            env[node.name] = run_node(node, {k: _substitute(v, env) for k, v in node.args.items()})
+    return env
+
+
+def fold_constants(graph: Graph) -> Graph:
+    """Evaluate the nodes that read no activation and inline their results as constants.
+
+    ``torch.export`` keeps arithmetic on parameters in the graph; a deployment format wants
+    it done once, at export time, so the result becomes a weight of the node that uses it.
+    """
+    consts: dict[str, Any] = {}
+    nodes = []
+    for node in graph.nodes:
+        args = {k: _substitute(v, consts) for k, v in node.args.items()}
+        live = [r for r in node.inputs if r not in consts]
+        if not live and node.name not in graph.outputs:
+            with torch.no_grad():
+                consts[node.name] = run_node(node, args)
+            continue
+        nodes.append(replace(node, args=args, inputs=live))
+    return Graph(graph.inputs, nodes, list(graph.outputs), list(graph.output_values))

@@ -130,3 +130,26 @@ def test_caffe_mismatch_names_the_first_diverging_layer(tmp_path):
     # (OpenCV applies the ReLU in place, so the block's first observable output is its act)
     block = layer.name.split(".")[0]
     assert f"layer '{block}." in report.divergence["caffe"]
+
+
+class ParameterArithmetic(nn.Module):
+    """Arithmetic on parameters alone (a learned log-scale, a flipped weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.log_scale = nn.Parameter(torch.randn(1, 4, 1, 1) * 0.3)
+
+    def forward(self, x):
+        return self.conv(x) * self.log_scale.exp().flip(1)
+
+
+def test_parameter_arithmetic_is_folded_for_check_and_every_writer(tmp_path):
+    model = ParameterArithmetic().eval()
+    x = torch.randn(1, 3, 9, 7)
+    for target in ("caffe", "om", "msnhnet"):
+        report = dp.check(model, x, target)
+        assert report.passed, str(report)
+        assert not {"exp", "flip"} & {row.op for row in report.rows}
+    manifest = dp.export(model, x, tmp_path / "fold", formats=("onnx", "caffe", "msnhnet"))
+    assert manifest.passed, str(manifest.verification)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from deployplug.capture import Graph, Node, export_program, graph_from_program
+from deployplug.capture import Graph, Node, export_program, fold_constants, graph_from_program
 from deployplug.decompositions.registry import Rule, choose_rule, why_not
 from deployplug.errors import DeployError, OffendingOp, UnsupportedOpError
 from deployplug.profiles import TargetProfile, get_target
@@ -96,7 +96,7 @@ def run_decompose(
     original: Graph | None = None
     for round_ in range(MAX_ROUNDS + 1):
         program = export_program(current, inputs)
-        graph = graph_from_program(program)
+        graph = fold_constants(graph_from_program(program))
         original = original or graph
         refused = [(n, r) for n in graph if (r := profile.refusal(n, graph)) is not None]
         plan = [(n, rule) for n, _ in refused if (rule := choose_rule(n, graph, profile.name))]

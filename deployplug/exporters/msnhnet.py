@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deployplug.capture import Graph, capture
+from deployplug.capture import Graph, capture, evaluate
 from deployplug.errors import (
     ArtifactFormatError,
     ExportFailedError,
@@ -184,36 +184,6 @@ def run_files(out_dir: Path, info: dict[str, Any], x: np.ndarray) -> np.ndarray:
     return y
 
 
-def _torch_values(graph: Graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every graph value computed by PyTorch, node by node from the normalized graph."""
-    from deployplug.capture import Ref
-
-    values: dict[str, Any] = {graph.inputs[0].name: x}
-
-    def resolve(v: Any) -> Any:
-        if isinstance(v, Ref):
-            return values[v.name]
-        if isinstance(v, list):
-            return [resolve(i) for i in v]
-        return v
-
-    import operator
-
-    for node in graph.nodes:
-        args = {k: resolve(v) for k, v in node.args.items()}
-        if node.op == "getitem":
-            values[node.name] = operator.getitem(args["arg0"], args["arg1"])
-            continue
-        namespace, name, overload = node.target.split(".")
-        op = getattr(getattr(getattr(torch.ops, namespace), name), overload)
-        out = op(**args)
-        if isinstance(out, (tuple, list)) and node.op in ("batch_norm", "max_pool2d",
-                                                           "layer_norm"):
-            out = out[0]
-        values[node.name] = out
-    return values
-
-
 class MsnhNetExporter(Exporter):
     """``model.msnhnet`` + ``model.msnhbin``, checked by the numpy reference runtime."""
 
@@ -265,7 +235,7 @@ class MsnhNetExporter(Exporter):
                 return None
         try:
             with torch.no_grad():
-                values = _torch_values(graph, xt)
+                values = evaluate(graph, [xt])
         except Exception:  # an op torch cannot replay from the normalized graph
             return None
         outs = net.run(x.reshape((net.batch,) + net.in_shape), keep_all=True)

@@ -7,8 +7,8 @@ decomposition rules: 3-D convolutions, instance/layer/group norm, transposed con
 output_padding, upsampling by non-integer factors, bilinear with align_corners=True, gelu,
 mish, erf, log_softmax, permute/transpose, broadcasting add/sub, adaptive average pooling to
 sizes that do not divide the input, avg pooling excluding padding, pooling with dilation.
-(The Caffe exporter folds nodes that read only constants, e.g. ``w.flip(1)`` on a parameter,
-before checking; see :func:`deployplug.exporters.caffe.lower.fold_constants`.)
+(Nodes that read only constants, e.g. ``w.flip(1)`` on a parameter, are folded at capture
+time and never reach the profile; see :func:`deployplug.capture.fold_constants`.)
 
 ``om`` = ``caffe`` plus: upsampling by integer factors only, pooling windows <= 32 (a global
 pooling counts with its input map), symmetric H/W padding only, no mean/sum over non-channel

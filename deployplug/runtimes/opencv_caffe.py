@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 
-from deployplug.capture import Graph, Ref
+from deployplug.capture import Graph, evaluate
 from deployplug.errors import ArtifactFormatError
-from deployplug.exporters.caffe.lower import call_node, nearest_deconv_param
+from deployplug.exporters.caffe.lower import nearest_deconv_param
 from deployplug.exporters.caffe.writer import fill, read_caffemodel, read_prototxt
 
 _RESHAPES = ("Reshape", "Flatten")
@@ -198,23 +198,6 @@ def run(prototxt: Path, caffemodel: Path, info: Mapping[str, Any],
 # ----------------------------------------------------------------------------- divergence
 
 
-def graph_values(graph: Graph, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Evaluate a captured graph node by node: PyTorch's value of every graph value by name."""
-    env: dict[str, Any] = {v.name: t for v, t in zip(graph.inputs, inputs)}
-
-    def resolve(v: Any) -> Any:
-        if isinstance(v, Ref):
-            return env[v.name]
-        if isinstance(v, list):
-            return [resolve(x) for x in v]
-        return v
-
-    with torch.no_grad():
-        for node in graph.nodes:
-            env[node.name] = call_node(node, {k: resolve(v) for k, v in node.args.items()})
-    return env
-
-
 def first_divergence(prototxt: Path, caffemodel: Path, info: Mapping[str, Any], graph: Graph,
                      inputs: Sequence[np.ndarray], tolerance: float) -> str | None:
     """The first graph value (in graph order) whose OpenCV blob departs from PyTorch."""
@@ -222,7 +205,7 @@ def first_divergence(prototxt: Path, caffemodel: Path, info: Mapping[str, Any], 
 
     blob_of = dict(info.get("value_blobs", {}))
     inputs_t = [torch.as_tensor(np.asarray(x, dtype=np.float32)) for x in inputs]
-    ref = graph_values(graph, inputs_t)
+    ref = evaluate(graph, inputs_t)
     checked = [n for n in graph.nodes
                if n.name in blob_of and isinstance(ref.get(n.name), torch.Tensor)
                and blob_of[n.name] not in {i["name"] for i in info["inputs"]}]

@@ -41,7 +41,7 @@ def _as_tensors(inputs: Sequence[Any]) -> tuple[torch.Tensor, ...]:
 def capture_for_export(model: nn.Module, example_inputs: Sequence[Any]) -> Graph:
     """Capture a CPU eval-mode copy: the caller's model is never touched."""
     work = copy.deepcopy(model).cpu().eval()
-    return lowering.fold_constants(capture(work, _as_tensors(example_inputs)))
+    return capture(work, _as_tensors(example_inputs))
 
 
 def check_graph(graph: Graph, target: TargetProfile) -> None:

@@ -26,9 +26,8 @@ that produces it, so a layer in the files points back at the PyTorch module path
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -111,46 +110,6 @@ SUGGESTIONS = {
     "upsample_nearest2d": "use integer scale factors, or let deployplug.decompositions rewrite it",
     "upsample_bilinear2d": "use integer scale factors with align_corners=False",
 }
-
-
-def call_node(node: Node, args: dict[str, Any]) -> Any:
-    """Run one normalized node's ATen op on concrete arguments."""
-    if node.op == "getitem":
-        return operator.getitem(args["arg0"], args["arg1"])
-    fn: Any = torch.ops
-    for part in node.target.split("."):
-        fn = getattr(fn, part)
-    result = fn(**args)
-    if isinstance(result, (tuple, list)) and node.shape is not None:
-        result = result[0]  # ops whose other results inference never uses
-    return result
-
-
-def fold_constants(graph: Graph) -> Graph:
-    """Evaluate nodes that read no activation (``w.flip(1)``, ``v / 3`` on parameters).
-
-    torch.export keeps arithmetic on parameters in the graph; Caffe needs it done once, at
-    export time, so the result becomes a constant operand (a blob) of the node that uses it.
-    """
-    consts: dict[str, Any] = {}
-
-    def sub(v: Any) -> Any:
-        if isinstance(v, Ref) and v.name in consts:
-            return consts[v.name]
-        if isinstance(v, list):
-            return [sub(x) for x in v]
-        return v
-
-    nodes = []
-    for node in graph.nodes:
-        args = {k: sub(v) for k, v in node.args.items()}
-        live = [r for r in node.inputs if r not in consts]
-        if not live and node.name not in graph.outputs:
-            with torch.no_grad():
-                consts[node.name] = call_node(node, args)
-            continue
-        nodes.append(replace(node, args=args, inputs=live))
-    return Graph(graph.inputs, nodes, list(graph.outputs), list(graph.output_values))
 
 
 def lower(graph: Graph, dialect: str = "bvlc", target: str = "caffe",
