@@ -27,7 +27,8 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from deployplug.errors import DeployError, InputShapeError, VerificationError
+from deployplug.errors import DeployError, VerificationError
+from deployplug.pipeline import deploy_copy
 
 EXPORT_TRIGGERS = ("fit_end", "best_checkpoint")
 PREFLIGHT_MODES = ("error", "warn", "off")
@@ -53,16 +54,6 @@ def resolve_network(pl_module: nn.Module, module_attr: str | None = None) -> tup
     if isinstance(net, nn.Module):
         return net, "net"
     return pl_module, ""
-
-
-def cpu_copy(module: nn.Module) -> nn.Module:
-    """A float32 CPU copy in eval mode; the original (and its device/dtype/mode) is untouched.
-
-    ``LightningModule.__getstate__`` drops the trainer reference, so deep-copying a module
-    attached to a running trainer copies only the module.
-    """
-    clone = copy.deepcopy(module)
-    return clone.to(device="cpu", dtype=torch.float32).eval()
 
 
 def strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -109,18 +100,12 @@ def make_example(shapes: Sequence[Sequence[int]], seed: int = 0) -> Example:
 
 
 def probe_forward(network: nn.Module, example: Example, expected: str | None = None) -> None:
-    """Run one forward pass and turn a shape mismatch into a message naming both shapes."""
-    inputs = example if isinstance(example, tuple) else (example,)
-    try:
-        with torch.no_grad():
-            network(*inputs)
-    except Exception as exc:  # the network decides what "wrong shape" raises
-        given = ", ".join(str(tuple(t.shape)) for t in inputs)
-        hint = f"; the model expects {expected}" if expected else ""
-        raise InputShapeError(
-            f"the example input of shape {given} does not fit {type(network).__name__}{hint}. "
-            f"Set DeployCallback(input_shape=...) to the shape the network takes, batch dim "
-            f"included. Forward pass failed with {type(exc).__name__}: {exc}") from exc
+    """Run one forward pass; a mismatch names the given shape and what the model expects."""
+    from deployplug.pipeline import as_input_tuple, check_runs
+
+    hint = (f"The model expects {expected}. " if expected else "") + (
+        "Set DeployCallback(input_shape=...) to the shape the network takes.")
+    check_runs(network, as_input_tuple(example), hint=hint)
 
 
 def expected_shape_text(pl_module: nn.Module, network: nn.Module) -> str | None:
@@ -136,12 +121,10 @@ def expected_shape_text(pl_module: nn.Module, network: nn.Module) -> str | None:
 
 
 def target_for(fmt: str, target: str | None) -> str:
-    """The target profile checked for ``fmt``: ``target`` when it belongs to that format."""
-    if target is None:
-        return fmt
-    from deployplug.profiles import get_target
+    """The target profile checked for ``fmt``: ``target`` when that format takes it."""
+    from deployplug.pipeline import resolve_target
 
-    return target if get_target(target).format == fmt else fmt
+    return resolve_target(fmt, target).name
 
 
 def preflight_reports(network: nn.Module, example: Example, formats: Sequence[str],
@@ -365,7 +348,7 @@ class DeployCallback(Callback):
 
     def _network_copy(self, pl_module: pl.LightningModule) -> tuple[nn.Module, str]:
         network, prefix = resolve_network(pl_module, self.module_attr)
-        return cpu_copy(network), prefix
+        return deploy_copy(network), prefix
 
     def _example(self) -> Example:
         assert self._shapes is not None, "on_fit_start resolves the example shape"

@@ -106,7 +106,6 @@ def _export(argv: Sequence[str]) -> int:
 
     from deployplug import pipeline
     from deployplug.callback import (
-        cpu_copy,
         example_shapes,
         expected_shape_text,
         load_checkpoint_into,
@@ -133,7 +132,7 @@ def _export(argv: Sequence[str]) -> int:
             "formats", "target", "input_shape", "tolerance", "opset", "onnx_dynamo",
             "dynamic_batch", "verify", "validation_parity", "module_attr"))
         network, prefix = resolve_network(module, s["module_attr"])
-        network = load_checkpoint_into(cpu_copy(network), ckpt, prefix)
+        network = load_checkpoint_into(pipeline.deploy_copy(network), ckpt, prefix)
         example = make_example(example_shapes(s["input_shape"],
                                               getattr(module, "example_input_array", None)))
         probe_forward(network, example, expected_shape_text(module, network))
@@ -200,7 +199,6 @@ def _check(argv: Sequence[str]) -> int:
         parser.error("give --config (a fit config) or --model (a zoo model name)")
 
     from deployplug.callback import (
-        cpu_copy,
         example_shapes,
         expected_shape_text,
         make_example,
@@ -209,6 +207,7 @@ def _check(argv: Sequence[str]) -> int:
         resolve_network,
     )
     from deployplug.errors import DeployError
+    from deployplug.pipeline import deploy_copy
 
     try:
         if opts.config:
@@ -224,7 +223,7 @@ def _check(argv: Sequence[str]) -> int:
             if opts.input_shape is None:
                 opts.input_shape = list(network.default_input_shape)
         s = _settings(callback, opts, ("formats", "target", "input_shape"))
-        network = cpu_copy(network)
+        network = deploy_copy(network)
         example = make_example(example_shapes(s["input_shape"], declared))
         probe_forward(network, example, expected_shape_text(module, network))
         reports = preflight_reports(network, example, s["formats"], s["target"])

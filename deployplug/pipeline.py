@@ -67,16 +67,17 @@ def resolve_target(fmt: str, target: str | TargetProfile | None) -> TargetProfil
     return get_target(exporter.default_target)
 
 
-def check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+def check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+               hint: str = "") -> list[np.ndarray]:
     """Run the model once; a failure here is almost always a wrong input shape."""
     try:
         return torch_outputs(model, [t.numpy() for t in inputs])
-    except Exception as exc:
-        shapes = ", ".join(str(list(t.shape)) for t in inputs)
+    except Exception as exc:  # the model decides what a wrong shape raises
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
         raise InputShapeError(
             f"{type(model).__name__} cannot run on input of shape {shapes}: "
-            f"{type(exc).__name__}: {exc}. The input shape includes the batch dimension, "
-            "e.g. (1, channels, height, width)."
+            f"{type(exc).__name__}: {exc}. {hint + ' ' if hint else ''}The input shape includes "
+            "the batch dimension, e.g. (1, channels, height, width)."
         ) from exc
 
 

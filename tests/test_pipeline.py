@@ -197,7 +197,7 @@ def test_existing_directory_is_replaced_whole(tmp_path):
 
 
 def test_wrong_input_shape_is_a_clear_error(tmp_path):
-    with pytest.raises(InputShapeError, match=r"\[1, 1, 8, 8\].*batch dimension"):
+    with pytest.raises(InputShapeError, match=r"\(1, 1, 8, 8\).*batch dimension"):
         dp.export(small_net(), torch.randn(1, 1, 8, 8), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
