@@ -43,7 +43,7 @@ def test_instance_norm_1d(c, length, affine, seed):
                False)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.integers(1, 4), st.booleans(), st.integers(0, 2**16))
 def test_instance_norm_running_stats(c, affine, seed):
     gen = torch.Generator().manual_seed(seed)

@@ -12,6 +12,14 @@ bilinear = torch.ops.aten.upsample_bilinear2d.vec
 
 
 @settings(max_examples=200, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 7), st.integers(1, 4), st.integers(1, 4),
+       st.integers(1, 3), st.integers(0, 2**16))
+def test_nearest_to_integer_multiple_size(ih, iw, kh, kw, c, seed):
+    x = torch.randn(1, c, ih, iw, generator=torch.Generator().manual_seed(seed))
+    check_aten("upsample_nearest2d_size_to_factor", nearest, [x], A(0), [ih * kh, iw * kw], None)
+
+
+@settings(max_examples=200, deadline=None)
 @given(st.integers(1, 7), st.integers(1, 7), st.integers(1, 14), st.integers(1, 14),
        st.integers(1, 3), st.integers(0, 2**16))
 def test_nearest_to_any_size(ih, iw, oh, ow, c, seed):
