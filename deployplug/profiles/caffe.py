@@ -21,6 +21,9 @@ from functools import partial
 
 from deployplug.capture import Graph, Node
 from deployplug.exporters.caffe import lower
+from deployplug.exporters.caffe.blocks import pair
+from deployplug.exporters.caffe.layers_pool import reduce_dims
+from deployplug.exporters.caffe.layers_shape import pad_amounts
 from deployplug.profiles import TargetProfile, register_target
 
 MAX_POOL_WINDOW = 32
@@ -33,9 +36,9 @@ def _lowerable(dialect: str, node: Node, graph: Graph) -> str | None:
 def _window_check(node: Node, graph: Graph) -> str | None:
     shape = graph.shape_of(node.inputs[0])
     if node.op in ("max_pool2d", "avg_pool2d"):
-        k = lower._pair(node.args["kernel_size"])
+        k = pair(node.args["kernel_size"])
     else:  # adaptive pooling (global included): window = input / output
-        out = lower._pair(node.args["output_size"])
+        out = pair(node.args["output_size"])
         k = (shape[2] // max(out[0], 1), shape[3] // max(out[1], 1))
     if max(k) > MAX_POOL_WINDOW:
         return f"om pools with windows <= {MAX_POOL_WINDOW}; this one is {k[0]}x{k[1]}"
@@ -43,14 +46,14 @@ def _window_check(node: Node, graph: Graph) -> str | None:
 
 
 def _reduce_check(node: Node, graph: Graph) -> str | None:
-    dims, _ = lower._reduce_dims(node, graph)
+    dims, _ = reduce_dims(node, graph)
     if dims != [1]:
         return f"om has no {node.op} over non-channel axes {dims}"
     return None
 
 
 def _pad_check(node: Node, graph: Graph) -> str | None:
-    pads = lower._pads(node, graph)
+    pads = pad_amounts(node, graph)
     if isinstance(pads, str):
         return pads
     left, right, top, bottom = pads[0]

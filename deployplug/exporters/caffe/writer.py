@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import json_format, text_format
 
-from deployplug.exporters.caffe.lower import CaffeNet
+from deployplug.exporters.caffe.net import CaffeNet
 from deployplug.exporters.caffe.schema import messages
 
 PROTOTXT = "model.prototxt"

@@ -1,0 +1,214 @@
+"""Caffe lowering of element-wise arithmetic: Eltwise, Scale and Power.
+
+Separate because Caffe's broadcasting rules decide the layer: two same-shape tensors use
+Eltwise; a per-channel (N,C,1,1) factor uses a two-bottom Scale; a scalar constant becomes
+Power; a per-channel constant becomes a one-bottom Scale with the constant as its blobs.
+Anything else is refused here rather than broadcast wrongly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from deployplug.capture import Graph, Node, Ref
+from deployplug.exporters.caffe.blocks import (
+    first,
+    power,
+    scalar,
+    to_np,
+)
+from deployplug.exporters.caffe.net import LowerCtx, rule
+
+
+def _operands(node: Node) -> tuple[Any, Any]:
+    return node.args.get("self", node.args.get("input")), node.args.get("other")
+
+
+def _channel_axis(const: torch.Tensor, out_shape: tuple[int, ...]) -> int | None:
+    """The one axis (>= 1) along which ``const`` varies when broadcast to ``out_shape``."""
+    if const.dim() > len(out_shape):
+        return None
+    shape = (1,) * (len(out_shape) - const.dim()) + tuple(const.shape)
+    varying = [i for i, s in enumerate(shape) if s != 1]
+    if len(varying) != 1 or varying[0] == 0 or shape[varying[0]] != out_shape[varying[0]]:
+        return None
+    return varying[0]
+
+
+def _prefix_broadcast(small: tuple[int, ...], big: tuple[int, ...]) -> int | None:
+    """k when ``small`` == big[:k] + ones (what a two-bottom Scale at axis 0 can broadcast)."""
+    if len(small) != len(big):
+        return None
+    k = len(small)
+    while k > 0 and small[k - 1] == 1 and big[k - 1] != 1:
+        k -= 1
+    if small[:k] != big[:k] or any(s != 1 for s in small[k:]) or k == 0:
+        return None
+    return k
+
+
+def _check_binary(node: Node, graph: Graph, dialect: str) -> str | None:
+    a, b = _operands(node)
+    if node.op == "div" and node.args.get("rounding_mode") is not None:
+        return "integer division (rounding_mode) has no Caffe layer"
+    out = tuple(node.shape or ())
+    refs = [v for v in (a, b) if isinstance(v, Ref)]
+    if not refs:
+        return "an op on constants only (fold it before export)"
+    if len(refs) == 2:
+        sa, sb = graph.shape_of(a.name), graph.shape_of(b.name)
+        if sa == sb:
+            return None
+        if node.op in ("mul", "div") and sa == out and _prefix_broadcast(sb, sa):
+            return None
+        if node.op == "mul" and sb == out and _prefix_broadcast(sa, sb):
+            return None
+        return (f"broadcasting {list(sa)} with {list(sb)}: Caffe only broadcasts a product by "
+                "a per-channel (N,C,1,1) tensor")
+    x = refs[0]
+    const = b if isinstance(a, Ref) else a
+    if graph.shape_of(x.name) != out:
+        return "the constant operand broadcasts the activation to a larger shape"
+    if scalar(const) is not None:
+        if node.op == "div" and not isinstance(a, Ref) and scalar(const) == 0:
+            return "division of zero by a tensor"
+        return None
+    if isinstance(const, torch.Tensor) and _channel_axis(const, out) is not None:
+        return None
+    return "the constant operand is neither a scalar nor a per-channel vector"
+
+
+def _const_rhs(ctx: LowerCtx, node: Node, x: str, const: Any, const_first: bool) -> None:
+    op, alpha = node.op, float(node.args.get("alpha", 1))
+    s = scalar(const)
+    if s is not None:
+        if op == "add":  # self + alpha * other
+            if const_first:
+                power(ctx, node, x, scale=alpha, shift=s, final=True)
+            else:
+                power(ctx, node, x, shift=alpha * s, final=True)
+        elif op == "sub":  # self - alpha * other
+            if const_first:
+                power(ctx, node, x, scale=-alpha, shift=s, final=True)
+            else:
+                power(ctx, node, x, shift=-alpha * s, final=True)
+        elif op == "mul":
+            power(ctx, node, x, scale=s, final=True)
+        elif const_first:  # s / x
+            inv = power(ctx, node, x, power=-1.0)
+            power(ctx, node, inv, scale=s, final=True)
+        else:
+            power(ctx, node, x, scale=1.0 / s, final=True)
+        return
+    axis = _channel_axis(const, tuple(node.shape or ()))
+    vec = const.reshape(-1).to(torch.float32)
+    ones = torch.ones_like(vec)
+    gamma, beta = ones, None
+    if op == "add":
+        gamma, beta = (alpha * ones, vec) if const_first else (ones, alpha * vec)
+    elif op == "sub":
+        gamma, beta = (-alpha * ones, vec) if const_first else (ones, -alpha * vec)
+    elif op == "mul":
+        gamma = vec
+    elif const_first:  # c / x
+        x = power(ctx, node, x, power=-1.0)
+        gamma = vec
+    else:
+        gamma = 1.0 / vec
+    params: dict[str, Any] = {"axis": axis} if axis != 1 else {}
+    if beta is not None:
+        params["bias_term"] = True
+    blobs = [to_np(gamma)] + ([to_np(beta)] if beta is not None else [])
+    ctx.step(node, "Scale", [x], {"scale_param": params}, blobs, final=True)
+
+
+@rule("add", "sub", "mul", "div", check=_check_binary)
+def _emit_binary(ctx: LowerCtx, node: Node) -> None:
+    a, b = _operands(node)
+    op = node.op
+    if isinstance(a, Ref) and isinstance(b, Ref):
+        sa, sb = ctx.graph.shape_of(a.name), ctx.graph.shape_of(b.name)
+        xa, xb = ctx.blob(a), ctx.blob(b)
+        if op == "div":
+            xb = power(ctx, node, xb, power=-1.0)
+        if sa != sb:  # per-channel product: flatten the small one, two-bottom Scale at axis 0
+            big, small, shape = (xa, xb, sb) if sa == tuple(node.shape) else (xb, xa, sa)
+            k = _prefix_broadcast(shape, tuple(node.shape))
+            flat = ctx.step(node, "Reshape", [small],
+                            {"reshape_param": {"shape": {"dim": list(shape[:k])}}})
+            ctx.step(node, "Scale", [big, flat], {"scale_param": {"axis": 0}}, final=True)
+            return
+        if op in ("mul", "div"):
+            ctx.step(node, "Eltwise", [xa, xb], {"eltwise_param": {"operation": "PROD"}},
+                     final=True)
+            return
+        alpha = float(node.args.get("alpha", 1))
+        coeff = [1.0, alpha if op == "add" else -alpha]
+        params: dict[str, Any] = {"operation": "SUM"}
+        if coeff != [1.0, 1.0]:
+            params["coeff"] = coeff
+        ctx.step(node, "Eltwise", [xa, xb], {"eltwise_param": params}, final=True)
+        return
+    if isinstance(a, Ref):
+        _const_rhs(ctx, node, ctx.blob(a), b, const_first=False)
+    else:
+        _const_rhs(ctx, node, ctx.blob(b), a, const_first=True)
+
+
+def _check_rsub(node: Node, graph: Graph, dialect: str) -> str | None:
+    if not isinstance(node.args.get("self"), Ref) or scalar(node.args.get("other")) is None:
+        return "rsub with a non-scalar operand"
+    return None
+
+
+@rule("rsub", check=_check_rsub)
+def _emit_rsub(ctx: LowerCtx, node: Node) -> None:
+    alpha = float(node.args.get("alpha", 1))
+    power(ctx, node, ctx.blob(node.args["self"]), scale=-alpha,
+           shift=scalar(node.args["other"]), final=True)
+
+
+@rule("neg")
+def _emit_neg(ctx: LowerCtx, node: Node) -> None:
+    power(ctx, node, ctx.blob(first(node)), scale=-1.0, final=True)
+
+
+def _check_pow(node: Node, graph: Graph, dialect: str) -> str | None:
+    if not isinstance(node.args.get("self"), Ref) or scalar(node.args.get("exponent")) is None:
+        return "only tensor ** scalar maps to Caffe Power"
+    return None
+
+
+@rule("pow", check=_check_pow)
+def _emit_pow(ctx: LowerCtx, node: Node) -> None:
+    power(ctx, node, ctx.blob(node.args["self"]), power=scalar(node.args["exponent"]),
+           final=True)
+
+
+@rule("reciprocal", "sqrt", "rsqrt", "square")
+def _emit_power_fn(ctx: LowerCtx, node: Node) -> None:
+    p = {"reciprocal": -1.0, "sqrt": 0.5, "rsqrt": -0.5, "square": 2.0}[node.op]
+    power(ctx, node, ctx.blob(first(node)), power=p, final=True)
+
+
+def _check_same_shape(node: Node, graph: Graph, dialect: str) -> str | None:
+    a, b = _operands(node)
+    if not (isinstance(a, Ref) and isinstance(b, Ref)):
+        return "Eltwise MAX needs two tensors (use clamp for a constant bound)"
+    if graph.shape_of(a.name) != graph.shape_of(b.name):
+        return "Caffe Eltwise cannot broadcast"
+    return None
+
+
+@rule("maximum", "max", "minimum", "min", check=_check_same_shape)
+def _emit_max(ctx: LowerCtx, node: Node) -> None:
+    a, b = _operands(node)
+    xa, xb = ctx.blob(a), ctx.blob(b)
+    if node.op in ("maximum", "max"):
+        ctx.step(node, "Eltwise", [xa, xb], {"eltwise_param": {"operation": "MAX"}}, final=True)
+        return
+    na, nb = power(ctx, node, xa, scale=-1.0), power(ctx, node, xb, scale=-1.0)
+    m = ctx.step(node, "Eltwise", [na, nb], {"eltwise_param": {"operation": "MAX"}})
+    power(ctx, node, m, scale=-1.0, final=True)  # min(a, b) = -max(-a, -b)

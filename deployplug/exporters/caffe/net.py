@@ -1,0 +1,122 @@
+"""What a Caffe lowering builds and where its rules register.
+
+Separate from the driver (:mod:`.lower`) and the per-op modules (``layers_*``) so that both
+can import it without importing each other: the layer modules register their rules in
+:data:`RULES` and append to a :class:`LowerCtx`; the driver only walks the graph and
+dispatches. The network itself (:class:`CaffeNet`) is plain data, independent of protobuf,
+so the writer serializes it without knowing how it was made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from deployplug.capture import Graph, Node, Ref
+
+
+@dataclass
+class Layer:
+    """One Caffe layer: params are ``{"convolution_param": {...}}`` style plain dicts."""
+
+    name: str
+    type: str
+    bottoms: list[str]
+    tops: list[str]
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    blobs: list[np.ndarray] = field(default_factory=list)
+    node: str = ""
+
+
+@dataclass
+class CaffeNet:
+    """A lowered network, independent of protobuf (the writer serializes it)."""
+
+    name: str
+    dialect: str
+    inputs: list[tuple[str, tuple[int, ...]]]
+    layers: list[Layer]
+    outputs: list[str]
+    #: graph value name -> blob name holding it (aliases share a blob)
+    value_blobs: dict[str, str]
+    #: facts runtimes need (e.g. channel counts of om Upsample layers)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+Check = Callable[[Node, Graph, str], "str | None"]
+Emit = Callable[["LowerCtx", Node], None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    check: Check
+    emit: Emit
+
+
+RULES: dict[str, Rule] = {}
+
+
+def _ok(node: Node, graph: Graph, dialect: str) -> str | None:
+    return None
+
+
+def rule(*ops: str, check: Check = _ok) -> Callable[[Emit], Emit]:
+    def deco(emit: Emit) -> Emit:
+        for op in ops:
+            RULES[op] = Rule(check, emit)
+        return emit
+
+    return deco
+
+
+class LowerCtx:
+    """Mutable state of one lowering: layers so far and where each value lives."""
+
+    def __init__(self, graph: Graph, dialect: str,
+                 folded: dict[str, tuple[Ref, tuple[int, int]]]):
+        self.graph = graph
+        self.dialect = dialect
+        self.layers: list[Layer] = []
+        self.value_blobs: dict[str, str] = {}
+        self.extras: dict[str, Any] = {}
+        #: zero pads folded into the convolutions that read them: pad node -> (source, (ph, pw))
+        self.folded = folded
+        self._names: set[str] = {v.name for v in graph.inputs} | {n.name for n in graph.nodes}
+        self._taken: set[str] = set()
+
+    def blob(self, value: str | Ref) -> str:
+        return self.value_blobs[value.name if isinstance(value, Ref) else value]
+
+    def fresh(self, base: str) -> str:
+        """An intermediate blob/layer name under ``base`` that no graph value or layer uses."""
+        i = 0
+        while True:
+            name = f"{base}/{i}"
+            if name not in self._names and name not in self._taken:
+                self._taken.add(name)
+                return name
+            i += 1
+
+    def add(self, name: str, type_: str, bottoms: list[str], tops: list[str],
+            params: dict[str, dict[str, Any]] | None = None,
+            blobs: list[np.ndarray] | None = None, node: str = "") -> str:
+        self._taken.add(name)
+        self.layers.append(Layer(name, type_, list(bottoms), list(tops), params or {},
+                                 [np.asarray(b, dtype=np.float32) for b in blobs or []], node))
+        return tops[0]
+
+    def step(self, node: Node, type_: str, bottoms: list[str],
+             params: dict[str, dict[str, Any]] | None = None,
+             blobs: list[np.ndarray] | None = None, final: bool = False) -> str:
+        """Add a single-top layer; ``final`` names it (and its blob) after the node."""
+        name = node.name if final else self.fresh(node.name)
+        top = self.add(name, type_, bottoms, [name], params, blobs, node.name)
+        if final:
+            self.value_blobs[node.name] = top
+        return top
+
+    def alias(self, node: Node, blob: str) -> None:
+        self.value_blobs[node.name] = blob
