@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from deployplug.errors import ArtifactFormatError
 from deployplug.runtimes import msnhnet as rt
-from deployplug.runtimes.msnhnet_ops import pool_out
+from deployplug.runtimes.msnhnet.ops import pool_out
 from deployplug.testing import normalized_error
 
 RNG = np.random.default_rng(0)

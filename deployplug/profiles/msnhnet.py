@@ -11,7 +11,7 @@ pooling, bilinear resizing by non-exact scale factors, reductions over the batch
 from __future__ import annotations
 
 from deployplug.capture import Graph, Node
-from deployplug.exporters.msnhnet_ops import RULES
+from deployplug.exporters.msnhnet.ops import RULES
 from deployplug.profiles import NodeCheck, TargetProfile, register_target
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from deployplug.exporters.msnhnet_text import MLayer
+from deployplug.exporters.msnhnet.text import MLayer
 
 Shape = tuple[int, int, int]
 INPUT = -1  # the "layer index" of the network input before any layer exists

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from deployplug.capture import Graph, Node, Ref
-from deployplug.exporters.msnhnet_emit import Emitter, canonical
-from deployplug.exporters.msnhnet_rules import (
+from deployplug.exporters.msnhnet.emit import Emitter, canonical
+from deployplug.exporters.msnhnet.rules import (
     RULES,
     Lower,
     Rule,
@@ -49,7 +49,7 @@ for _op, _name in (("relu", "relu"), ("relu6", "relu6"), ("tanh", "tanh"),
 
 @rule("leaky_relu")
 def _lower_leaky(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
-    from deployplug.exporters.msnhnet_text import format_value
+    from deployplug.exporters.msnhnet.text import format_value
 
     em.act(source(node), f"leaky,{format_value(float(node.args.get('negative_slope', 0.01)))}")
     return None
@@ -176,7 +176,7 @@ def _check_softplus(node: Node, graph: Graph) -> str | None:
 
 @rule("softplus", check=_check_softplus)
 def _lower_softplus(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
-    from deployplug.exporters.msnhnet_text import format_value
+    from deployplug.exporters.msnhnet.text import format_value
 
     beta = float(node.args.get("beta", 1))
     threshold = float(node.args.get("threshold", 20))

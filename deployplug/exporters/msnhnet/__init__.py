@@ -5,6 +5,10 @@ hooked ``torch.nn.functional`` calls. Every op is checked first and *all* offend
 reported together before a file is written. The files are then re-read by the reference
 runtime (:mod:`deployplug.runtimes.msnhnet`), which rejects every construct the real runtime
 miscomputes, so a writer bug cannot produce a file that silently computes something else.
+
+Layout: :mod:`.rules` is the rule registry, filled by :mod:`.conv`, :mod:`.pooling`,
+:mod:`.shapes` and :mod:`.elementwise` and loaded by :mod:`.ops`; :mod:`.emit` places layers
+and wires them; :mod:`.text` renders the two files. This module checks, lowers and writes.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ from deployplug.errors import (
 )
 from deployplug.exporters import register_exporter
 from deployplug.exporters.base import Exporter, FormatRecord
-from deployplug.exporters.msnhnet_emit import INPUT, Emitter, NeedInputLayer, canonical
-from deployplug.exporters.msnhnet_ops import RULES, refusal
-from deployplug.exporters.msnhnet_text import MLayer, render_bin, render_text
+from deployplug.exporters.msnhnet.emit import INPUT, Emitter, NeedInputLayer, canonical
+from deployplug.exporters.msnhnet.ops import RULES, refusal
+from deployplug.exporters.msnhnet.text import MLayer, render_bin, render_text
 from deployplug.profiles import TargetProfile
 from deployplug.runtimes import msnhnet as runtime
 

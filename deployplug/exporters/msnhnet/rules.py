@@ -1,8 +1,8 @@
 """The MsnhNet rule registry and the graph lookups every rule shares.
 
 A :class:`Rule` pairs a check (can MsnhNet express this node?) with a lowering (the layers
-that compute it exactly). Rules live in :mod:`~deployplug.exporters.msnhnet_ops_layers` and
-:mod:`~deployplug.exporters.msnhnet_ops_math`; :mod:`~deployplug.exporters.msnhnet_ops` loads both.
+that compute it exactly). Rules live in :mod:`.conv`, :mod:`.pooling`, :mod:`.shapes` and
+:mod:`.elementwise`; :mod:`.ops` loads them all.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from deployplug.capture import Graph, Node, Ref
-from deployplug.exporters.msnhnet_emit import Emitter
+from deployplug.exporters.msnhnet.emit import Emitter
 
 Check = Callable[[Node, Graph], "str | None"]
 Lower = Callable[[Emitter, Node, Graph], "str | bool | None"]

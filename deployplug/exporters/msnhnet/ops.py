@@ -7,8 +7,13 @@ written once.
 from __future__ import annotations
 
 from deployplug.capture import Graph, Node
-from deployplug.exporters import msnhnet_ops_layers, msnhnet_ops_math  # noqa: F401  (registration)
-from deployplug.exporters.msnhnet_rules import CONST_OPS, RULES, Rule
+from deployplug.exporters.msnhnet import (  # noqa: F401  (registration)
+    conv,
+    elementwise,
+    pooling,
+    shapes,
+)
+from deployplug.exporters.msnhnet.rules import CONST_OPS, RULES, Rule
 
 __all__ = ["RULES", "Rule", "refusal"]
 

@@ -1,7 +1,7 @@
 """Numpy kernels for one sample (C, H, W) with MsnhNet's measured semantics.
 
 These are pure functions; parameter validation (what the real runtime miscomputes) lives in
-:mod:`deployplug.runtimes.msnhnet`, so every kernel here can assume legal arguments.
+:mod:`deployplug.runtimes.msnhnet.builder`, so every kernel here can assume legal arguments.
 Arithmetic is float32 like the C++ runtime, accumulations of matrix products excepted.
 """
 
