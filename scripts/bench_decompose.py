@@ -22,25 +22,21 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
+from timing import GroupResult, interleaved, ort_session, quartiles_ms, ratio
 from torch import nn
 
 from deployplug.capture import Graph, Node
 from deployplug.decompositions import decompose
 from deployplug.profiles import TargetProfile, get_target
 from deployplug.testing import normalized_error
-
-HZ = os.sysconf("SC_CLK_TCK")
-
 
 # --- reference constructions (for comparison only) -------------------------------------
 
@@ -119,69 +115,6 @@ def _profile(name: str, om: bool) -> TargetProfile:
     return TargetProfile(name, "caffe", "benchmark profile", ops=ops, accepts_everything=True)
 
 
-# --- timing ------------------------------------------------------------------------------
-
-
-def _cpu_ticks() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
-    with open("/proc/self/stat") as f:
-        own = f.read().rsplit(")", 1)[1].split()
-    return busy, sum(int(v) for v in own[11:15])
-
-
-def _session(path: Path, spinning: bool) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def _time_group(sessions: dict[str, ort.InferenceSession], x: np.ndarray, rounds: int,
-                warmup: int) -> tuple[dict[str, list[float]], float]:
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-    names = list(sessions)
-    for _ in range(warmup):
-        for k in names:
-            sessions[k].run(None, feeds[k])
-    times = {k: [] for k in names}
-    b0, o0, t0 = *_cpu_ticks(), time.monotonic()
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            sessions[k].run(None, feeds[k])
-            times[k].append((time.perf_counter() - start) * 1e3)
-    b1, o1, t1 = *_cpu_ticks(), time.monotonic()
-    foreign = ((b1 - b0) - (o1 - o0)) / HZ / (t1 - t0)
-    return times, max(foreign, 0.0)
-
-
-def _quiet(seconds: float = 2.0, limit: float = 0.3, patience: float = 20.0) -> None:
-    end = time.monotonic() + patience
-    while time.monotonic() < end:
-        b0, o0 = _cpu_ticks()
-        time.sleep(seconds)
-        b1, o1 = _cpu_ticks()
-        if ((b1 - b0) - (o1 - o0)) / HZ / seconds <= limit:
-            return
-
-
-def measure(sessions, x, rounds, warmup, attempts=4):
-    best = None
-    for attempt in range(1, attempts + 1):
-        _quiet()
-        times, load = _time_group(sessions, x, rounds, warmup)
-        if best is None or load < best[1]:
-            best = (times, load, attempt)
-        if load <= 0.3:
-            break
-    return best
-
-
 def _export(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -198,25 +131,28 @@ def _node_counts(path: Path) -> str:
     return f"{sum(counts.values())}: " + ", ".join(f"{k} {v}" for k, v in counts.most_common())
 
 
-def run_group(title, models, x, workdir, rounds, warmup, baseline):
+def run_group(title: str, models: dict[str, nn.Module], x: torch.Tensor, workdir: Path,
+              rounds: int, warmup: int, baseline: str) -> GroupResult:
+    """Export each variant, check it in onnxruntime against ``baseline``, time and print them."""
     paths = {k: _export(m, x, workdir / f"{title}_{k}.onnx") for k, m in models.items()}
-    sessions = {k: _session(p, spinning=False) for k, p in paths.items()}
+    sessions = {k: ort_session(p, 2, spinning=False, log_severity=3) for k, p in paths.items()}
     with torch.no_grad():
         ref = models[baseline](x).numpy()
     xn = x.numpy()
-    errors = {k: normalized_error(s.run(None, {s.get_inputs()[0].name: xn})[0], ref)
-              for k, s in sessions.items()}
-    times, load, attempt = measure(sessions, xn, rounds, warmup)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n## {title}  (foreign load {load:.2f} cores, attempt {attempt}, {rounds} rounds)")
+    runs = {k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: xn}))
+            for k, s in sessions.items()}
+    errors = {k: normalized_error(run()[0], ref) for k, run in runs.items()}
+    res = interleaved(runs, rounds, warmup, quiet_timeout_s=20.0)
+    print(f"\n## {title}  (foreign load {res.others:.2f} cores, attempt {res.attempt}, "
+          f"{rounds} rounds)")
     print(f"| variant | median ms | p25-p75 ms | vs {baseline} (paired) | ORT err | ONNX nodes |")
     print("|---|---|---|---|---|---|")
     for k in models:
-        q = np.percentile(times[k], [25, 75])
-        paired = statistics.median(a / b for a, b in zip(times[k], times[baseline]))
-        print(f"| {k} | {med[k]:.2f} | {q[0]:.2f}-{q[1]:.2f} | {paired:.2f}x | "
+        p25, med, p75 = quartiles_ms(res.times[k])
+        paired = ratio(res, k, baseline)[1]
+        print(f"| {k} | {med:.2f} | {p25:.2f}-{p75:.2f} | {paired:.2f}x | "
               f"{errors[k]:.1e} | {_node_counts(paths[k])} |")
-    return med, times
+    return res
 
 
 def main() -> None:
@@ -250,20 +186,19 @@ def main() -> None:
     rounds = 8 if args.quick else args.rounds
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        cmed, _ = run_group("Conv3d", conv_models, x3, work, rounds, args.warmup, "native")
-        imed, itimes = run_group("InstanceNorm2d", norm_models, x2, work, rounds, args.warmup,
-                                 "native")
+        conv3d = run_group("Conv3d", conv_models, x3, work, rounds, args.warmup, "native")
+        inorm = run_group("InstanceNorm2d", norm_models, x2, work, rounds, args.warmup,
+                          "native")
     print("\n## goals")
-    print(f"- Conv3d decomposed / native = {cmed['decomposed'] / cmed['native']:.2f}x "
+    print(f"- Conv3d decomposed / native = {ratio(conv3d, 'decomposed', 'native')[0]:.2f}x "
           "(goal <= 1.2x)")
-    print(f"- Conv3d naive / decomposed = {cmed['naive'] / cmed['decomposed']:.1f}x "
+    print(f"- Conv3d naive / decomposed = {ratio(conv3d, 'naive', 'decomposed')[0]:.1f}x "
           "(goal >= 10x)")
     print(f"- InstanceNorm caffe form / native = "
-          f"{imed['caffe form'] / imed['native']:.2f}x (goal <= 2.5x)")
-    paired = statistics.median(a / b for a, b in zip(itimes["om form"], itimes["pool+upsample"]))
+          f"{ratio(inorm, 'caffe form', 'native')[0]:.2f}x (goal <= 2.5x)")
+    om_vs_pool, paired = ratio(inorm, "om form", "pool+upsample")[:2]
     print(f"- InstanceNorm om form / pool+upsample = "
-          f"{imed['om form'] / imed['pool+upsample']:.2f}x (paired {paired:.2f}x; goal <= 1x)")
-
+          f"{om_vs_pool:.2f}x (paired {paired:.2f}x; goal <= 1x)")
 
 if __name__ == "__main__":
     main()

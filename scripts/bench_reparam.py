@@ -30,160 +30,33 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from timing import (
+    Times,
+    alone,
+    cell,
+    interleaved,
+    least_loaded,
+    median_ms,
+    ort_session,
+    ratio,
+    ratio_text,
+)
 from torch import nn
 
 from deployplug import models
 from deployplug.blocks import RepVGGBlock
 from deployplug.reparam import reparameterize
 from deployplug.testing import normalized_error, randomize_batchnorm
-
-HZ = os.sysconf("SC_CLK_TCK")
-
-
-# --------------------------------------------------------------------------- load probe
-
-def _machine_jiffies() -> tuple[int, int]:
-    """(busy, steal) jiffies of the whole machine; busy excludes idle, iowait and steal."""
-    with open("/proc/stat") as f:
-        vals = [int(v) for v in f.readline().split()[1:]]
-    user, nice, system, idle, iowait, irq, softirq, steal = (vals + [0] * 8)[:8]
-    return user + nice + system + irq + softirq, steal
-
-
-def _own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class LoadProbe:
-    """Cores used by *other* processes (and stolen by the hypervisor) over a time window."""
-
-    def __enter__(self) -> LoadProbe:
-        self.busy0, self.steal0 = _machine_jiffies()
-        self.own0, self.wall0 = _own_cpu(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        busy, steal = _machine_jiffies()
-        wall = max(time.perf_counter() - self.wall0, 1e-9)
-        own = _own_cpu() - self.own0
-        self.others = max(0.0, ((busy - self.busy0) / HZ - own) / wall)
-        self.steal = (steal - self.steal0) / HZ / wall
-
-
-def wait_for_quiet(max_load: float, quiet_s: float = 2.0, timeout_s: float = 300.0) -> float:
-    """Block until other processes used < max_load cores for ``quiet_s``; returns waited s."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout_s:
-        with LoadProbe() as probe:
-            time.sleep(quiet_s)
-        if probe.others < max_load:
-            break
-    return time.perf_counter() - start
-
-
-# ------------------------------------------------------------------------------ timing
-
-@dataclass
-class GroupResult:
-    times: dict[str, list[float]]
-    others: float
-    steal: float
-    attempt: int
-    waited: float
-    notes: list[str] = field(default_factory=list)
-
-    def load_text(self) -> str:
-        return (f"other processes {self.others:.2f} cores, steal {self.steal:.2f}, "
-                f"attempt {self.attempt}, waited {self.waited:.0f} s for quiet")
-
-
-def cell(ts: list[float]) -> str:
-    q = np.percentile(np.array(ts) * 1e3, [25, 50, 75])
-    return f"{q[1]:.2f} ms [{q[0]:.2f}-{q[2]:.2f}] (n={len(ts)})"
-
-
-def median_ms(ts: list[float]) -> float:
-    return statistics.median(ts) * 1e3
-
-
-def ratio(res: GroupResult, a: str, b: str) -> tuple[float, float, float, float]:
-    """(ratio of medians, paired median, paired p25, paired p75) of a / b."""
-    paired = np.array(res.times[a]) / np.array(res.times[b])
-    p25, p50, p75 = np.percentile(paired, [25, 50, 75])
-    return median_ms(res.times[a]) / median_ms(res.times[b]), p50, p25, p75
-
-
-def ratio_text(res: GroupResult, a: str, b: str) -> str:
-    r, p50, p25, p75 = ratio(res, a, b)
-    return f"{r:.2f}x (paired {p50:.2f}x [{p25:.2f}-{p75:.2f}])"
-
-
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int,
-                max_load: float, attempts: int) -> GroupResult:
-    """Round-robin timing with a rotating start; retried while others load the machine."""
-    names = list(fns)
-    best: GroupResult | None = None
-    for attempt in range(1, attempts + 1):
-        waited = wait_for_quiet(max_load)
-        times: dict[str, list[float]] = {n: [] for n in names}
-        with LoadProbe() as probe:
-            for n in names:
-                for _ in range(warmup):
-                    fns[n]()
-            for r in range(rounds):
-                for i in range(len(names)):
-                    n = names[(r + i) % len(names)]
-                    t0 = time.perf_counter()
-                    fns[n]()
-                    times[n].append(time.perf_counter() - t0)
-        res = GroupResult(times, probe.others, probe.steal, attempt, waited)
-        if best is None or res.others < best.others:
-            best = res
-        if probe.others <= max_load:
-            break
-    assert best is not None
-    return best
-
-
-def alone(fns: dict[str, Callable[[], object]], rounds: int, warmup: int,
-          max_load: float, attempts: int) -> GroupResult:
-    """Each function timed in its own block, in the order A B C C B A (half the rounds each)."""
-    names = list(fns)
-    order = names + names[::-1]
-    best: GroupResult | None = None
-    for attempt in range(1, attempts + 1):
-        waited = wait_for_quiet(max_load)
-        times: dict[str, list[float]] = {n: [] for n in names}
-        with LoadProbe() as probe:
-            for n in order:
-                for _ in range(warmup):
-                    fns[n]()
-                for _ in range(max(1, rounds // 2)):
-                    t0 = time.perf_counter()
-                    fns[n]()
-                    times[n].append(time.perf_counter() - t0)
-        res = GroupResult(times, probe.others, probe.steal, attempt, waited)
-        if best is None or res.others < best.others:
-            best = res
-        if probe.others <= max_load:
-            break
-    assert best is not None
-    return best
-
 
 # ------------------------------------------------------------------------------ models
 
@@ -212,16 +85,6 @@ def export(model: nn.Module, x: torch.Tensor, path: Path) -> tuple[float, str]:
     ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     desc = f"{sum(ops.values())} nodes: " + ", ".join(f"{k} {v}" for k, v in ops.most_common())
     return elapsed, desc
-
-
-def session(path: Path, threads: int, spinning: bool) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 # -------------------------------------------------------------------------------- main
@@ -264,24 +127,20 @@ def main(argv: list[str] | None = None) -> int:
                          args.max_load, args.attempts)
     add("fusion time, whole A0, reparameterize(model) (copy + blocks + conv/BN pass)",
         f"{cell(fusion.times['reparameterize(model)'])}; {fusion.load_text()}")
-    best_inplace: tuple[float, list[float]] | None = None
-    for _ in range(args.attempts):  # copy not timed, so the interleaved helper does not fit
-        wait_for_quiet(args.max_load)
+
+    def fuse_inplace() -> Times:  # the copy is not timed, so interleaved() does not fit
         times = []
-        with LoadProbe() as probe:
-            for _ in range(args.fusion_runs):
-                victim = copy.deepcopy(train)
-                t0 = time.perf_counter()
-                reparameterize(victim, inplace=True)
-                times.append(time.perf_counter() - t0)
-        if best_inplace is None or probe.others < best_inplace[0]:
-            best_inplace = (probe.others, times)
-        if probe.others <= args.max_load:
-            break
-    assert best_inplace is not None
-    inplace_load, inplace_times = best_inplace
+        for _ in range(args.fusion_runs):
+            victim = copy.deepcopy(train)
+            t0 = time.perf_counter()
+            reparameterize(victim, inplace=True)
+            times.append(time.perf_counter() - t0)
+        return {"inplace": times}
+
+    inplace = least_loaded(fuse_inplace, args.max_load, args.attempts)
+    inplace_times = inplace.times["inplace"]
     add("fusion time, whole A0, reparameterize(model, inplace=True) (copy not timed)",
-        f"{cell(inplace_times)}; other processes {inplace_load:.2f} cores")
+        f"{cell(inplace_times)}; other processes {inplace.others:.2f} cores")
     raw["fusion_s"] = fusion.times["reparameterize(model)"]
     raw["fusion_inplace_s"] = inplace_times
 
@@ -339,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         secs, desc = export(model, x, paths[name])
         add(f"ONNX {name} (dynamo=False, opset 17)", f"export {secs:.2f} s; {desc}")
     feed = {"x": x.numpy()}
-    sessions = {n: session(p, args.threads, spinning=False) for n, p in paths.items()}
+    sessions = {n: ort_session(p, args.threads, spinning=False) for n, p in paths.items()}
     for name, sess in sessions.items():
         y = sess.run(None, feed)[0]
         ref = {"train": y_train, "fused": y_fused, "plain": y_plain}[name]
@@ -357,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     raw["ort_s"] = ortg.times
     del sessions
 
-    spin = {n: session(p, args.threads, spinning=True) for n, p in paths.items()}
+    spin = {n: ort_session(p, args.threads, spinning=True) for n, p in paths.items()}
     lone = alone({n: (lambda s=s: s.run(None, feed)) for n, s in spin.items()},
                  args.rounds, args.warmup, args.max_load, args.attempts)
     add("ORT sessions-alone load (default spinning threads)", lone.load_text())
