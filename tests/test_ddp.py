@@ -46,3 +46,25 @@ def test_ddp_fit_writes_exactly_one_verified_artifact_set(tmp_path):
     # Both ranks finished (rank 1 waited at the broadcast instead of racing or hanging) and
     # only one process wrote the deploy folder: no second, per-rank directory exists.
     assert sorted(p.name for p in manifests[0].parents[1].iterdir()) == ["final"]
+
+
+@pytest.mark.slow
+def test_ddp_fit_with_best_checkpoint_exports_does_not_hang(tmp_path):
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--best"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    checkpoints = sorted(tmp_path.rglob("*.ckpt"))
+    assert checkpoints
+    deploy = next(tmp_path.rglob("deploy"))
+    tags = sorted(p.name for p in deploy.iterdir())
+    # the final export, plus one export per surviving checkpoint (stale ones are pruned)
+    assert "final" in tags
+    assert set(tags) - {"final"} == {c.stem for c in checkpoints}
+    for tag in tags:
+        assert verify(deploy / tag).passed
+    summary = json.loads(next(line for line in proc.stdout.splitlines()
+                              if line.startswith("DDP_SMOKE ")).split(" ", 1)[1])
+    assert set(summary["exports"]) == set(tags)
