@@ -246,3 +246,12 @@ def test_multiple_inputs_and_outputs(tmp_path):
     assert [i["name"] for i in manifest.inputs] == ["input0", "input1"]
     assert len(manifest.outputs) == 2
     assert dp.verify(manifest.dir, model=TwoInTwoOut()).passed is False  # other weights
+
+
+def test_onnx_scope_names_map_back_to_module_paths():
+    from deployplug.exporters.onnx import scope_to_module_path
+
+    assert scope_to_module_path("/stage1/stage1.0/reparam/Conv") == "stage1.0.reparam"
+    assert scope_to_module_path("/stage0/act/Relu") == "stage0.act"
+    assert scope_to_module_path("/head/Gemm") == "head"
+    assert scope_to_module_path("/Flatten") == ""

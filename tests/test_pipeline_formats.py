@@ -153,3 +153,22 @@ def test_parameter_arithmetic_is_folded_for_check_and_every_writer(tmp_path):
         assert not {"exp", "flip"} & {row.op for row in report.rows}
     manifest = dp.export(model, x, tmp_path / "fold", formats=("onnx", "caffe", "msnhnet"))
     assert manifest.passed, str(manifest.verification)
+
+
+def test_onnx_mismatch_names_the_first_diverging_layer(tmp_path):
+    import onnx
+
+    net = repvgg_net()
+    manifest = dp.export(net, torch.randn(1, 3, 16, 16), tmp_path / "o")
+    assert manifest.passed
+    path = manifest.artifact("onnx")
+    proto = onnx.load(str(path))
+    weight = next(t for t in proto.graph.initializer if t.name == "2.reparam.weight")
+    array = onnx.numpy_helper.to_array(weight).copy()
+    array[:, :, 1, 1] += 2.0
+    weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+    onnx.save(proto, str(path))
+    report = dp.verify(manifest.dir, model=net)
+    assert not report.passed
+    # blocks 0 and 1 still agree; the first observable output of block 2 is its ReLU
+    assert report.divergence["onnx"].startswith("layer '2.act'")

@@ -132,6 +132,87 @@ class OnnxExporter(Exporter):
         return list(session.run(None, dict(zip(names, inputs, strict=True))))
 
 
+    def first_divergence(self, out_dir: Path, record: FormatRecord, model: nn.Module,
+                         inputs: Sequence[np.ndarray], tolerance: float) -> str | None:
+        """Compare every leaf module's output with the ONNX value its scope produced.
+
+        The TorchScript exporter names nodes after the module scope they came from
+        (``/stage1/stage1.0/conv/Conv``), which maps ONNX values back to module paths. The
+        dynamo exporter names nodes differently, so its files are not compared layer by layer.
+        """
+        if record.info.get("exporter") != "torchscript":
+            return None
+        proto = onnx.load(str(Path(out_dir) / record.files[0]))
+        scope_values = module_scope_outputs(proto)
+        expected = leaf_module_outputs(model, inputs)
+        wanted = [path for path in expected if path in scope_values]
+        if not wanted:
+            return None
+        known = {o.name for o in proto.graph.output}
+        for path in wanted:
+            if scope_values[path] not in known:
+                proto.graph.output.append(onnx.ValueInfoProto(name=scope_values[path]))
+                known.add(scope_values[path])
+        session = make_session_from_bytes(proto.SerializeToString())
+        names = [i.name for i in session.get_inputs()]
+        values = [scope_values[p] for p in wanted]
+        got = session.run(values, dict(zip(names, inputs, strict=True)))
+        from deployplug.testing import normalized_error
+
+        for path, value, actual in zip(wanted, values, got, strict=True):
+            ref = expected[path]
+            if actual.shape != ref.shape or (err := normalized_error(actual, ref)) > tolerance:
+                detail = ("shape " + str(list(actual.shape)) + " vs " + str(list(ref.shape))
+                          if actual.shape != ref.shape else f"normalized error {err:.3g}")
+                return f"layer '{path}' (ONNX value {value}): {detail} > {tolerance:g}"
+        return None
+
+
+def scope_to_module_path(node_name: str) -> str:
+    """``/stage1/stage1.0/conv/Conv`` -> ``stage1.0.conv`` (scopes repeat parent prefixes)."""
+    path = ""
+    for part in node_name.split("/")[1:-1]:
+        path = part if (not path or part.startswith(path + ".")) else f"{path}.{part}"
+    return path
+
+
+def module_scope_outputs(proto: onnx.ModelProto) -> dict[str, str]:
+    """Module path -> the output of the last ONNX node exported inside that module's scope."""
+    outputs: dict[str, str] = {}
+    for node in proto.graph.node:
+        path = scope_to_module_path(node.name) if node.name.startswith("/") else ""
+        if path and node.output:
+            outputs[path] = node.output[0]
+    return outputs
+
+
+def leaf_module_outputs(model: nn.Module, inputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every leaf module's (single tensor) output, in call order, by module path."""
+    outputs: dict[str, np.ndarray] = {}
+    handles = []
+    for path, module in model.named_modules():
+        if path and not any(True for _ in module.children()):
+            def hook(_m, _args, out, path=path):
+                if isinstance(out, torch.Tensor):
+                    outputs.setdefault(path, out.detach().cpu().numpy())
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*[torch.from_numpy(np.ascontiguousarray(a)) for a in inputs])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def make_session_from_bytes(model_bytes: bytes):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
 def make_session(path: Path, threads: int = 0):
     """A CPU onnxruntime session (imported lazily: onnxruntime is heavy to import)."""
     import onnxruntime as ort
