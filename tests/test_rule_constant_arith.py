@@ -1,5 +1,6 @@
 """x + c, x * c, ... as a depthwise 1x1 conv; broadcasting binaries via nearest upsample."""
 
+import pytest
 import torch
 from decompose_harness import A, check_aten, check_module, no_rule
 from hypothesis import assume, given, settings
@@ -26,9 +27,8 @@ def _constant(form, c, gen):
 
 
 @st.composite
-def arith_case(draw):
+def arith_case(draw, op):
     """(op, rank, constant form, activation first, alpha): only well-formed, affine cases."""
-    op = draw(st.sampled_from(sorted(OPS)))
     rank = draw(st.sampled_from([2, 4]))
     forms = ["scalar", "one"] + (["1c11", "c11"] if rank == 4 else ["c"])
     form = draw(st.sampled_from(forms))
@@ -42,9 +42,11 @@ def arith_case(draw):
     return op, rank, form, first, alpha
 
 
+@pytest.mark.parametrize("operator", sorted(OPS))
 @settings(max_examples=200, deadline=None)
-@given(arith_case(), st.integers(1, 4), st.integers(0, 2**16))
-def test_constant_arith(case, c, seed):
+@given(data=st.data(), c=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_constant_arith(operator, data, c, seed):
+    case = data.draw(arith_case(operator))
     op, rank, form, first, alpha = case
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*((2, c, 3, 4) if rank == 4 else (3, c)), generator=gen)
@@ -60,9 +62,10 @@ def test_constant_divided_by_activation_and_width_broadcast_are_refused():
     assert no_rule(OPS["mul"], [x], A(0), torch.rand(3))  # (3,) broadcasts along W
 
 
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div"])
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["add", "sub", "mul", "div"]), st.booleans(), st.integers(1, 3),
-       st.integers(1, 5), st.integers(1, 5), st.integers(0, 2**16))
+@given(small_first=st.booleans(), c=st.integers(1, 3), h=st.integers(1, 5), w=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
 def test_broadcast_binary_by_upsample(op, small_first, c, h, w, seed):
     gen = torch.Generator().manual_seed(seed)
     big = torch.randn(2, c, h, w, generator=gen)
@@ -89,9 +92,10 @@ def test_captured_scalar_add_and_buffer_mul():
     check_module(AddThree(), torch.randn(1, 3, 4, 4), "add", "add_constant_as_channel_affine")
 
 
+@pytest.mark.parametrize("op", ["add", "sub"])
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["add", "sub"]), st.booleans(), st.sampled_from([1, 2, -0.5]),
-       st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(0, 2**16))
+@given(small_first=st.booleans(), alpha=st.sampled_from([1, 2, -0.5]), c=st.integers(1, 3),
+       h=st.integers(1, 5), w=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_broadcast_sum_by_ones_for_caffe(op, small_first, alpha, c, h, w, seed):
     gen = torch.Generator().manual_seed(seed)
     big = torch.randn(2, c, h, w, generator=gen)
