@@ -145,7 +145,8 @@ def _lower_avgpool(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     return None
 
 
-def _adaptive_out(node: Node, graph: Graph) -> tuple[int, int, int, int]:
+def _in_out_hw(node: Node, graph: Graph) -> tuple[int, int, int, int]:
+    """Input and output height/width of a pooling or resizing node."""
     _, _, h, w = input_shape(node, graph)
     _, _, oh, ow = node.shape  # type: ignore[misc]
     return h, w, oh, ow
@@ -154,7 +155,7 @@ def _adaptive_out(node: Node, graph: Graph) -> tuple[int, int, int, int]:
 def _check_adaptive(node: Node, graph: Graph) -> str | None:
     if len(input_shape(node, graph)) != 4:
         return "adaptive pooling needs 4-D input"
-    h, w, oh, ow = _adaptive_out(node, graph)
+    h, w, oh, ow = _in_out_hw(node, graph)
     if (oh, ow) != (1, 1) and (h % oh or w % ow):
         return (f"adaptive pooling {h}x{w} -> {oh}x{ow} has uneven windows; MsnhNet pools "
                 "with fixed windows (use an output size dividing the input)")
@@ -163,7 +164,7 @@ def _check_adaptive(node: Node, graph: Graph) -> str | None:
 
 @rule("adaptive_avg_pool2d", "_adaptive_avg_pool2d", check=_check_adaptive)
 def _lower_adaptive_avg(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
-    h, w, oh, ow = _adaptive_out(node, graph)
+    h, w, oh, ow = _in_out_hw(node, graph)
     em.use(source(node))
     if (oh, ow) == (1, 1):
         em.emit("globalavgpool")
@@ -178,7 +179,7 @@ def _lower_adaptive_avg(em: Emitter, node: Node, graph: Graph) -> str | bool | N
 
 @rule("adaptive_max_pool2d", check=_check_adaptive)
 def _lower_adaptive_max(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
-    h, w, oh, ow = _adaptive_out(node, graph)
+    h, w, oh, ow = _in_out_hw(node, graph)
     kh, kw = h // oh, w // ow
     em.use(source(node))
     if (kh, kw) == (1, 1):
@@ -189,16 +190,10 @@ def _lower_adaptive_max(em: Emitter, node: Node, graph: Graph) -> str | bool | N
 
 
 # -- resizing -------------------------------------------------------------------------
-def _resize_factors(node: Node, graph: Graph) -> tuple[int, int, int, int]:
-    _, _, h, w = input_shape(node, graph)
-    _, _, oh, ow = node.shape  # type: ignore[misc]
-    return h, w, oh, ow
-
-
 def _check_nearest(node: Node, graph: Graph) -> str | None:
     if len(input_shape(node, graph)) != 4:
         return "upsampling needs 4-D input"
-    h, w, oh, ow = _resize_factors(node, graph)
+    h, w, oh, ow = _in_out_hw(node, graph)
     scales = node.args.get("scale_factors") or node.args.get("scales_h")
     if oh % h or ow % w or oh < h or ow < w:
         return (f"nearest resize {h}x{w} -> {oh}x{ow} is not an integer upscale; MsnhNet "
@@ -211,7 +206,7 @@ def _check_nearest(node: Node, graph: Graph) -> str | None:
 
 @rule("upsample_nearest2d", "_upsample_nearest_exact2d", check=_check_nearest)
 def _lower_nearest(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
-    h, w, oh, ow = _resize_factors(node, graph)
+    h, w, oh, ow = _in_out_hw(node, graph)
     em.use(source(node))
     # Key order matters: MsnhNet re-applies its scalar fallbacks after every key.
     em.emit("upsample", [("type", "nearest"), ("strideX", ow // w), ("strideY", oh // h),
@@ -236,7 +231,7 @@ def _msnh_scale(size: int, out: int) -> float:
 def _check_bilinear(node: Node, graph: Graph) -> str | None:
     if len(input_shape(node, graph)) != 4:
         return "upsampling needs 4-D input"
-    h, w, oh, ow = _resize_factors(node, graph)
+    h, w, oh, ow = _in_out_hw(node, graph)
     scales = node.args.get("scale_factors")
     if not node.args.get("align_corners") and isinstance(scales, (list, tuple)) and scales:
         for size, out, sc in ((h, oh, scales[0]), (w, ow, scales[-1])):
@@ -248,7 +243,7 @@ def _check_bilinear(node: Node, graph: Graph) -> str | None:
 
 @rule("upsample_bilinear2d", check=_check_bilinear)
 def _lower_bilinear(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
-    h, w, oh, ow = _resize_factors(node, graph)
+    h, w, oh, ow = _in_out_hw(node, graph)
     em.use(source(node))
     em.emit("upsample", [("type", "bilinear"), ("strideX", 1), ("strideY", 1),
                          ("scaleX", _msnh_scale(w, ow)), ("scaleY", _msnh_scale(h, oh)),
