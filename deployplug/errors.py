@@ -84,3 +84,23 @@ class InputShapeError(DeployError):
 
 class OutputDirectoryError(DeployError):
     """The artifact directory cannot be created or replaced."""
+
+
+class IntegrityError(ArtifactFormatError):
+    """An artifact directory does not match its manifest (names, file types, sizes, sha256).
+
+    Raised (or recorded in a :class:`~deployplug.verification.VerifyReport`) *before* any
+    artifact is run: numbers computed from files nobody can vouch for prove nothing.
+    """
+
+
+class ReparameterizationError(DeployError):
+    """Fusion changed what a block computes; names the first block whose output moved."""
+
+
+class CheckpointLoadError(DeployError):
+    """A checkpoint cannot be loaded safely (it needs full unpickling, or it is malformed)."""
+
+
+class ParityError(DeployError):
+    """Running an artifact over the validation set failed (not the export itself)."""
