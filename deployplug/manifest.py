@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -60,6 +61,8 @@ class Manifest:
     tolerance: float
     verification: VerifyReport | None
     files: list[dict[str, Any]] = field(default_factory=list)
+    #: formats requested but not landed here, with the reason (their files are in ``.failed``)
+    failed_formats: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=package_versions)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     extra: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +101,7 @@ class Manifest:
             "files": self.files,
             "tolerance": self.tolerance,
             "verification": None if self.verification is None else self.verification.to_dict(),
+            "failed_formats": dict(self.failed_formats),
             "versions": self.versions,
             **({"extra": self.extra} if self.extra else {}),
         }
@@ -123,22 +127,37 @@ class Manifest:
 
 
 def load_manifest(directory: Path) -> Manifest:
+    """Read ``directory/manifest.json`` as untrusted input.
+
+    The file is size-capped, must be UTF-8 JSON of the documented shape
+    (:mod:`deployplug.manifest_schema`), and is never followed through a symlink; anything else
+    is an :class:`ArtifactFormatError` naming the field. Nothing in it is trusted beyond its
+    type: :func:`deployplug.verify` checks the files it lists before reading them.
+    """
+    from deployplug.manifest_schema import read_manifest_json
+
     path = Path(directory) / MANIFEST_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ArtifactFormatError(
             f"{path} not found: not a deployplug artifact directory (or an export did not finish)"
         )
-    data = json.loads(path.read_text())
+    data = read_manifest_json(path)
     verification = data.get("verification")
+    try:
+        report = None if verification is None else VerifyReport.from_dict(verification)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactFormatError(f"{MANIFEST_FILE}: field 'verification' is malformed: "
+                                  f"{type(exc).__name__}: {exc}") from None
     return Manifest(
         dir=Path(directory),
         formats=data["formats"],
         inputs=data["inputs"],
         outputs=data["outputs"],
         stages=data["stages"],
-        tolerance=data["tolerance"],
-        verification=None if verification is None else VerifyReport.from_dict(verification),
+        tolerance=float(data["tolerance"]),
+        verification=report,
         files=data.get("files", []),
+        failed_formats=dict(data.get("failed_formats", {})),
         versions=data.get("versions", {}),
         created=data.get("created", ""),
         extra=data.get("extra", {}),

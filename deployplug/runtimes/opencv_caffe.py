@@ -25,6 +25,8 @@ from deployplug.capture import Graph, evaluate
 from deployplug.errors import ArtifactFormatError
 from deployplug.exporters.caffe.lower import nearest_deconv_param
 from deployplug.exporters.caffe.writer import fill, read_caffemodel, read_prototxt
+from deployplug.limits import INT32_MAX, current
+from deployplug.runtimes import caffe_bounds
 
 _RESHAPES = ("Reshape", "Flatten")
 
@@ -47,6 +49,10 @@ class PreparedNet:
     argmax: dict[str, _ArgMaxTail] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     removed: set[str] = field(default_factory=set)
+    #: net inputs in OpenCV's order, and the float32 bytes of all weights (for shape checks)
+    input_order: list[str] = field(default_factory=list)
+    weight_bytes: int = 0
+    source: str = "caffe"
 
 
 def _cv2():
@@ -69,8 +75,13 @@ def prepare(prototxt: Path, caffemodel: Path, dialect: str = "bvlc",
     not the first top of a same-named layer get an identity Power layer named after them.
     """
     cv2 = _cv2()
+    limits = current()
     net = read_prototxt(prototxt, dialect)
     weights = read_caffemodel(caffemodel, dialect)
+    source = f"{Path(prototxt).name} + {Path(caffemodel).name}"
+    weight_bytes = caffe_bounds.check_net(net, Path(prototxt).name, limits)
+    weight_bytes += caffe_bounds.check_net(weights, Path(caffemodel).name, limits)
+    limits.check_total(weight_bytes, source)
     notes: list[str] = []
 
     for layer in net.layer:
@@ -79,6 +90,15 @@ def prepare(prototxt: Path, caffemodel: Path, dialect: str = "bvlc",
             c = (upsample_channels or {}).get(layer.name)
             if c is None:
                 raise ArtifactFormatError(f"Upsample layer {layer.name!r}: channel count unknown")
+            if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= INT32_MAX:
+                raise ArtifactFormatError(f"Upsample layer {layer.name!r}: recorded channel "
+                                          f"count {c!r} is not a positive int")
+            if min(fh, fw) < 1:
+                raise ArtifactFormatError(f"Upsample layer {layer.name!r}: strides must be >= 1")
+            weight_bytes += 4 * c * fh * fw
+            # the unit weights are built as a Python list first (8 bytes per value)
+            limits.check_total(2 * weight_bytes + 8 * c * fh * fw,
+                               f"Upsample layer {layer.name!r} run as a Deconvolution")
             if layer.upsample_param.scale != 1:
                 raise ArtifactFormatError(f"Upsample layer {layer.name!r} with scale != 1")
             layer.ClearField("upsample_param")
@@ -108,8 +128,14 @@ def prepare(prototxt: Path, caffemodel: Path, dialect: str = "bvlc",
     # OpenCV parses with its own fork of caffe.proto: hand it BVLC-compatible text
     text = text_format.MessageToString(net).encode()
     model = weights.SerializeToString()
-    cv_net = cv2.dnn.readNetFromCaffe(np.frombuffer(text, np.uint8), np.frombuffer(model, np.uint8))
-    return PreparedNet(cv_net, layer_tops, argmax, notes, removed)
+    try:
+        cv_net = cv2.dnn.readNetFromCaffe(np.frombuffer(text, np.uint8),
+                                          np.frombuffer(model, np.uint8))
+    except cv2.error as exc:
+        raise ArtifactFormatError(f"{source}: OpenCV cannot load the net: "
+                                  f"{' '.join(str(exc).split())}") from None
+    return PreparedNet(cv_net, layer_tops, argmax, notes, removed,
+                       caffe_bounds.input_order(net), weight_bytes, source)
 
 
 def _probe(blob: str) -> str:
@@ -148,8 +174,18 @@ def _strip_argmax(net) -> tuple[dict[str, _ArgMaxTail], set[str]]:
 def forward(prepared: PreparedNet, input_names: Sequence[str], inputs: Sequence[np.ndarray],
             blobs: Sequence[str], shapes: Mapping[str, Sequence[int]] | None = None
             ) -> list[np.ndarray]:
-    """Values of ``blobs`` for ``inputs`` (ArgMax tails computed with numpy)."""
+    """Values of ``blobs`` for ``inputs`` (ArgMax tails computed with numpy).
+
+    The layer shapes OpenCV will allocate for these inputs are checked against the tensor
+    budget first (:func:`caffe_bounds.check_layer_shapes`).
+    """
     net = prepared.net
+    fed = {name: np.shape(value) for name, value in zip(input_names, inputs)}
+    missing = [name for name in prepared.input_order if name not in fed]
+    if missing:
+        raise ArtifactFormatError(f"{prepared.source}: net input(s) {missing} are not fed")
+    caffe_bounds.check_layer_shapes(net, [fed[n] for n in prepared.input_order], current(),
+                                    prepared.weight_bytes, prepared.source)
     for name, value in zip(input_names, inputs):
         net.setInput(np.ascontiguousarray(value, dtype=np.float32), name)
     wanted: list[str] = []

@@ -13,12 +13,17 @@ from pathlib import Path
 
 import numpy as np
 from google.protobuf import json_format, text_format
+from google.protobuf.message import DecodeError
 
+from deployplug.errors import ArtifactFormatError
 from deployplug.exporters.caffe.net import CaffeNet
 from deployplug.exporters.caffe.schema import messages
+from deployplug.limits import read_bounded
 
 PROTOTXT = "model.prototxt"
 CAFFEMODEL = "model.caffemodel"
+#: the writer's prototxt carries no weights: a few hundred bytes per layer
+MAX_PROTOTXT_BYTES = 4 << 20
 
 
 def _varint(n: int) -> bytes:
@@ -106,15 +111,40 @@ def write(net: CaffeNet, out_dir: Path) -> list[str]:
 
 
 def read_prototxt(path: Path, dialect: str = "bvlc"):
-    """Parse a ``.prototxt`` with the schema of ``dialect``."""
+    """Parse a ``.prototxt`` with the schema of ``dialect``, as untrusted input.
+
+    The file must be a regular file of at most :data:`MAX_PROTOTXT_BYTES` (text format parses
+    at a few MB/s, so the cap bounds the time too) in UTF-8; anything unparsable is an
+    :class:`ArtifactFormatError` naming the file. Declared sizes are checked by
+    :mod:`deployplug.runtimes.caffe_bounds` before a runtime sees them.
+    """
+    path = Path(path)
+    data = read_bounded(path, path.name, MAX_PROTOTXT_BYTES)
     proto = messages(dialect).NetParameter()
-    text_format.Parse(Path(path).read_text(), proto)
+    try:
+        text_format.Parse(data.decode("utf-8"), proto)
+    except UnicodeDecodeError as exc:
+        raise ArtifactFormatError(f"{path.name}: not UTF-8 text (byte {exc.start})") from None
+    except (text_format.ParseError, ValueError, RecursionError) as exc:
+        raise ArtifactFormatError(f"{path.name}: not a valid {dialect} prototxt: "
+                                  f"{' '.join(str(exc).split())}") from None
     return proto
 
 
 def read_caffemodel(path: Path, dialect: str = "bvlc"):
+    """Parse a binary ``.caffemodel`` (size-capped, see :mod:`deployplug.limits`).
+
+    Fields the schema does not know are dropped, so nothing unchecked is handed on.
+    """
+    path = Path(path)
+    data = read_bounded(path, path.name)
     proto = messages(dialect).NetParameter()
-    proto.ParseFromString(Path(path).read_bytes())
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, ValueError, RecursionError) as exc:
+        raise ArtifactFormatError(f"{path.name}: not a valid caffemodel (truncated or "
+                                  f"damaged): {exc}") from None
+    proto.DiscardUnknownFields()
     return proto
 
 

@@ -173,9 +173,18 @@ def _count(layers: list[MLayer]) -> dict[str, int]:
 
 
 def run_files(out_dir: Path, info: dict[str, Any], x: np.ndarray) -> np.ndarray:
-    """Run the written files on ``x``, splitting it into batches of the configured size."""
+    """Run the written files on ``x``, splitting it into batches of the configured size.
+
+    Both files are read through the bounded reference-runtime loader; a sample or a recorded
+    output shape that does not fit the graph is an :class:`ArtifactFormatError`, not a
+    reshape error.
+    """
     model = runtime.load(Path(out_dir) / GRAPH_FILE, Path(out_dir) / WEIGHTS_FILE)
     x = np.asarray(x, dtype=np.float32)
+    per_sample = int(np.prod(model.in_shape))
+    if x.ndim < 1 or x.shape[0] < 1 or x.size != x.shape[0] * per_sample:
+        raise ArtifactFormatError(f"input of shape {list(x.shape)} does not fit the graph's "
+                                  f"input C,H,W {model.in_shape}")
     x = x.reshape((x.shape[0],) + model.in_shape)
     if x.shape[0] % model.batch:
         raise ArtifactFormatError(f"input batch {x.shape[0]} is not a multiple of the "
@@ -184,7 +193,13 @@ def run_files(out_dir: Path, info: dict[str, Any], x: np.ndarray) -> np.ndarray:
     y = np.concatenate(outs)  # type: ignore[arg-type]
     shape = info.get("output_shape")
     if shape:
-        return y.reshape((x.shape[0],) + tuple(shape[1:]))
+        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
+            raise ArtifactFormatError(f"recorded output_shape {shape!r} is not a list of ints")
+        target = (x.shape[0],) + tuple(shape[1:])
+        if int(np.prod(target, dtype=object)) != y.size:
+            raise ArtifactFormatError(f"the graph's output {list(y.shape)} does not fit the "
+                                      f"recorded output shape {shape}")
+        return y.reshape(target)
     return y
 
 

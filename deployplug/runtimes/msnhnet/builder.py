@@ -8,8 +8,11 @@ anything runs. One method per layer keyword, so each keyword's rules read in one
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from deployplug.limits import INT32_MAX, Limits, current
 from deployplug.runtimes.msnhnet import ops
 from deployplug.runtimes.msnhnet.layer import (
     VAROP_BINARY,
@@ -29,12 +32,58 @@ _UNMODELLED = frozenset({"yolo", "yoloout", "resblock", "res2block", "addblock",
                          "empty"})
 
 
-class Builder:
-    """Turns raw entries into shape-checked layers, one keyword at a time."""
+_F32, _F64 = 4, 8
 
-    def __init__(self, in_shape: Shape):
+
+def _pool_work(in_shape: Shape, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int],
+               oh: int, ow: int) -> int:
+    """Bytes the pooling kernels allocate: the padded float64 copy, a mask, two sums."""
+    c = in_shape[0]
+    need_h = max((oh - 1) * s[0] + k[0], in_shape[1] + 2 * p[0])
+    need_w = max((ow - 1) * s[1] + k[1], in_shape[2] + 2 * p[1])
+    return (c + 1) * need_h * need_w * _F64 + (c + 1) * oh * ow * _F64 * 2
+
+
+def _work_bytes(layer: Layer) -> int:
+    """Scratch memory the executor needs for one sample of ``layer`` (beyond its output)."""
+    c, h, w = layer.in_shape
+    out = math.prod(layer.out_shape)
+    p = layer.params
+    if layer.kind == "conv":
+        k, pad = p["k"], p["p"]
+        oh, ow = layer.out_shape[1:]
+        padded = c * (h + 2 * pad) * (w + 2 * pad) * _F32
+        cols = c * k * k * oh * ow * (_F32 + _F64)  # im2col and its float64 copy
+        return padded + cols + out * _F64 * 2 + layer.num_weights * _F64
+    if layer.kind == "deconv":
+        (kh, kw), (sh, sw) = p["k"], p["s"]
+        full = layer.out_shape[0] * ((h - 1) * sh + kh) * ((w - 1) * sw + kw) * _F64
+        return full + (c * h * w + layer.out_shape[0] * h * w * 2) * _F64
+    if layer.kind == "connect":
+        return layer.num_weights * _F64 + c * h * w * _F64 + out * _F64
+    if layer.kind in ("maxpool", "localavgpool"):
+        return _pool_work(layer.in_shape, p["k"], p["s"], p.get("p", (0, 0)),
+                          *layer.out_shape[1:])
+    return (c * h * w + out) * _F64 * 3  # float64 copies made by the elementwise kernels
+
+
+class Builder:
+    """Turns raw entries into shape-checked layers, one keyword at a time.
+
+    Every layer's declared sizes are charged against the tensor budget
+    (:mod:`deployplug.limits`) as it is built: its output for the whole batch (the executor
+    keeps every layer's output), its weights, and the scratch memory its kernel needs. A file
+    that declares more than the budget is refused here, before anything of that size exists.
+    """
+
+    def __init__(self, in_shape: Shape, batch: int = 1, limits: Limits | None = None):
         self.in_shape = in_shape
+        self.batch = batch
+        self.limits = limits or current()
         self.layers: list[Layer] = []
+        self.activation_bytes = self.limits.check_tensor(
+            (batch, *in_shape), _F32, "[config] input (batch, channels, height, width)")
+        self.weight_bytes = 0
 
     # -- lookups ---------------------------------------------------------------------------
     def prev(self) -> tuple[Shape, bool]:
@@ -78,8 +127,22 @@ class Builder:
         if raw.kind == "act":
             layer.opaque = opaque
         layer.num_weights = sum(n for _, n in layer.block_sizes)
+        self._charge(layer, where)
         self.layers.append(layer)
         return layer
+
+    def _charge(self, layer: Layer, where: str) -> None:
+        """Refuse a layer whose output, weights or scratch memory pass the budget."""
+        if any(d < 1 or d > INT32_MAX for d in layer.out_shape):
+            raise err(where, f"output shape {list(layer.out_shape)} is empty or does not fit "
+                       "MsnhNet's 32-bit sizes")
+        self.activation_bytes += self.batch * math.prod(layer.out_shape) * _F32
+        self.weight_bytes += layer.num_weights * _F32
+        # outputs are kept per sample and stacked at the end (x2); weights are read and copied
+        total = 2 * self.activation_bytes + 2 * self.weight_bytes + _work_bytes(layer)
+        self.limits.check_total(
+            total, f"{where}: the network up to this layer (output "
+                   f"{list(layer.out_shape)}, {layer.num_weights} weights)")
 
     def _activation_blocks(self, layer: Layer, act: Activation, channels: int) -> None:
         layer.params["act"] = act
@@ -233,6 +296,8 @@ class Builder:
         ow = ops.pool_out(w, k[1], s[1], p[1], ceil_mode)
         if oh < 1 or ow < 1:
             raise err(where, f"kernel larger than the padded input {h}x{w}")
+        self.limits.check_total(_pool_work((1, h, w), k, s, p, oh, ow),
+                                f"{where}: pooling window check")
         _, count = ops.avgpool_exclude_pad(np.zeros((1, h, w), np.float32), k, s, p, oh, ow)
         if (count == 0).any():
             raise err(where, "a pooling window lies entirely in the padding")
@@ -343,8 +408,13 @@ class Builder:
                 raise err(where, "nearest upsample strides must be >= 1")
             out = (c, h * st["strideY"], w * st["strideX"])
         elif st["type"] == "bilinear":
-            oh = int(np.float32(h) * np.float32(st["scaleY"]))
-            ow = int(np.float32(w) * np.float32(st["scaleX"]))
+            with np.errstate(over="ignore"):
+                fh = np.float32(h) * np.float32(st["scaleY"])
+                fw = np.float32(w) * np.float32(st["scaleX"])
+            if not (abs(fh) <= INT32_MAX and abs(fw) <= INT32_MAX):
+                raise err(where, f"bilinear scale gives an output size past 32 bits "
+                           f"({h}x{w} times {st['scaleY']}x{st['scaleX']})")
+            oh, ow = int(fh), int(fw)
             if oh < 1 or ow < 1:
                 raise err(where, "bilinear scale gives an empty output")
             out = (c, oh, ow)

@@ -8,6 +8,7 @@ a key the interpreter does not model could change what the real runtime computes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,8 @@ def parse_activation(text: str, where: str) -> Activation:
         params = tuple(float(p) for p in raw_params)
     except ValueError:
         raise err(where, f"activation parameters must be numbers: {text!r}") from None
+    if not all(math.isfinite(v) for v in params):
+        raise err(where, f"activation parameters must be finite: {text!r}")
     if name not in ACTIVATIONS:
         return Activation("relu", (), text)  # the real runtime's silent fallback
     if name in _UNMEASURED_ACTIVATIONS:

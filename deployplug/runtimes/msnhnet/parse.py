@@ -8,9 +8,18 @@ level of ``field: value`` pairs, ``#`` comments), so it is parsed by hand here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from deployplug.errors import ArtifactFormatError
+from deployplug.limits import INT32_MAX
+
+#: far more layers than any real network; bounds the bookkeeping a hostile file can demand
+MAX_LAYERS = 20_000
+#: every layer keyword takes fewer than 30 fields
+MAX_FIELDS = 256
+#: the largest finite float32: MsnhNet reads every float field as one
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -72,6 +81,8 @@ def parse_text(text: str, source: str = "<msnhnet>") -> list[RawLayer]:
                 raise ArtifactFormatError(
                     f"{where}: layer '{key}' must be a map of fields, got the scalar {value!r}"
                 )
+            if len(entries) > MAX_LAYERS:
+                raise ArtifactFormatError(f"{where}: more than {MAX_LAYERS} layers")
             entries.append(RawLayer(kind=key, line=lineno))
             continue
         if not entries:
@@ -84,6 +95,8 @@ def parse_text(text: str, source: str = "<msnhnet>") -> list[RawLayer]:
         if not value:
             raise ArtifactFormatError(f"{where}: field '{key}' has no value (nesting is not "
                                       "supported)")
+        if len(entries[-1].items) >= MAX_FIELDS:
+            raise ArtifactFormatError(f"{where}: more than {MAX_FIELDS} fields in one layer")
         entries[-1].items.append((key, _unquote(value)))
         entries[-1].is_null = False
     if not entries or entries[0].kind != "config":
@@ -92,25 +105,37 @@ def parse_text(text: str, source: str = "<msnhnet>") -> list[RawLayer]:
 
 
 def as_int(value: str, key: str, where: str) -> int:
-    """An int field; ``3.0`` is accepted (the runtime truncates it), ``3.5`` is not."""
+    """An int field; ``3.0`` is accepted (the runtime truncates it), ``3.5`` is not.
+
+    The C++ runtime keeps these in 32-bit ints, so anything outside that range (or not
+    finite) is refused rather than wrapped.
+    """
     try:
         number = float(value)
     except ValueError:
         raise ArtifactFormatError(
             f"{where}: field '{key}' must be an integer, got {value!r}"
         ) from None
-    if number != int(number):
+    if not math.isfinite(number) or number != int(number):
         raise ArtifactFormatError(f"{where}: field '{key}' must be an integer, got {value!r}")
+    if not -INT32_MAX - 1 <= number <= INT32_MAX:
+        raise ArtifactFormatError(f"{where}: field '{key}' = {value} does not fit the 32-bit "
+                                  "integer MsnhNet stores it in")
     return int(number)
 
 
 def as_float(value: str, key: str, where: str) -> float:
+    """A float field, which must be a finite float32 (inf and nan are refused)."""
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise ArtifactFormatError(
             f"{where}: field '{key}' must be a number, got {value!r}"
         ) from None
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
+        raise ArtifactFormatError(f"{where}: field '{key}' must be a finite float32, got "
+                                  f"{value!r}")
+    return number
 
 
 def as_int_list(value: str, key: str, where: str) -> list[int]:
