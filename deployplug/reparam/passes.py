@@ -10,15 +10,26 @@ Two passes, in this order:
 2. **Generic conv->BatchNorm folding** for every pair the blocks left behind (plain stems,
    heads, downsample shortcuts). Pairs are found without running the model: a ``torch.fx``
    trace where modules are leaves gives the data flow; when tracing fails (data-dependent
-   Python), ``nn.Sequential`` adjacency is used for that subtree instead. A pair is folded
-   only when the conv's single consumer is the BN and neither module is called or shared
-   elsewhere, so the rewrite cannot change any other path.
+   Python), ``nn.Sequential`` adjacency is used for that subtree instead, but only in
+   containers that run their children in order and return the last output alone
+   (:func:`~deployplug.reparam.eligibility.runs_children_in_order`). A pair is folded only
+   when the conv's single consumer is the BN, neither module is called or shared elsewhere,
+   and both compute exactly what torch's own classes compute
+   (:mod:`deployplug.reparam.eligibility`); weight-normalized and spectral-normalized convs
+   are folded through their eval-mode weight (:mod:`deployplug.reparam.parametrized`).
+   Anything else is left as it is and logged with the reason.
+
+What the structure cannot show, an example input can: with ``example_input`` the result is
+compared with the unfused model block by block (:mod:`deployplug.reparam.selfcheck`). One gap
+needs it: a module that ``torch.fx`` cannot trace may still call a child of an in-order
+``nn.Sequential`` directly, and only running the model reveals that.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import logging
 from collections import Counter
 from collections.abc import Iterator
 
@@ -29,27 +40,68 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from deployplug.errors import BatchNormStatsError
+from deployplug.reparam.eligibility import bn_blocker, conv_blocker, runs_children_in_order
 from deployplug.reparam.fusion import fold_bn
+from deployplug.reparam.parametrized import bake
+from deployplug.reparam.selfcheck import Change, Inputs, as_inputs, check, record
 
 PROTOCOL_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
+DEFAULT_TOLERANCE = 1e-5
+
+log = logging.getLogger(__name__)
 
 
-def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Deploy form of ``model``: every self-fusing block fused, every conv->BN pair folded.
+def reparameterize(model: nn.Module, inplace: bool = False, example_input: Inputs | None = None,
+                   tolerance: float = DEFAULT_TOLERANCE) -> nn.Module:
+    """Deploy form of ``model``: every self-fusing block fused, every provable conv->BN folded.
 
     Returns a model in eval mode with the same dtype and device. With ``inplace=False`` (the
-    default) the given model is left exactly as it was, parameters and training flag included.
-    Running it twice is a no-op.
+    default) the given model is left exactly as it was, parameters and training flags
+    included; it is never run or hooked. Running it twice is a no-op.
+
+    With ``example_input`` (a tensor or a tuple of tensors) the unfused model (in eval mode)
+    and the result are both run on it, and :class:`~deployplug.errors.ReparameterizationError`
+    names the first changed block, in execution order, whose output moved by more than
+    ``tolerance`` (normalized error ``max|a-b| / max|ref|``), or reports a changed final output.
+    With ``inplace=True`` the model has already been converted when that error is raised.
     """
+    inputs = as_inputs(example_input) if example_input is not None else None
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}")
     if inplace:
         target, borrowed = model, _Borrowed()
     else:
         target, borrowed = _deploy_copy(model)
-    target.eval()
-    target = convert_blocks(target)
-    borrowed.release(target)  # before anything else may write to what fusion left behind
-    fold_conv_bn(target)
-    return target.eval()
+    changes: list[Change] = []
+    try:
+        target.eval()
+        reference = record(target, inputs, _watch_list(target)) if inputs is not None else None
+        target = _convert_blocks(target, "", changes)
+        borrowed.release(target)  # before anything else may write to what fusion left behind
+    finally:
+        borrowed.restore_modes()
+    target.eval()  # what blocks built while fusing is new, and in training mode
+    changes += [Change(bn_path, bn, f"folded into conv '{conv_path}' by the conv->BN pass")
+                for conv_path, bn_path, bn in _fold_all(target)]
+    target.eval()  # and so are the Identity modules in the BatchNorm slots
+    if reference is not None and changes:
+        check(target, inputs, reference, changes, tolerance)
+    return target
+
+
+def _watch_list(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules whose output fusion may change: every protocol block, and every BatchNorm not
+    inside one (a block's own BNs are covered by comparing the block)."""
+    watch: dict[str, nn.Module] = {}
+    blocks: list[str] = []
+    for path, module in model.named_modules():
+        if _protocol_method(module) is not None:
+            watch[path] = module
+            blocks.append(path)
+        elif isinstance(module, _BatchNorm) and not any(
+                b == "" or path.startswith(b + ".") for b in blocks):
+            watch[path] = module
+    return watch
 
 
 class _Borrowed:
@@ -58,6 +110,7 @@ class _Borrowed:
     def __init__(self, modules: set[int] | None = None, tensors: set[int] | None = None):
         self.modules = modules or set()
         self.tensors = tensors or set()
+        self.modes: list[tuple[nn.Module, bool]] = []
 
     def release(self, target: nn.Module) -> None:
         """Safety net: copy anything borrowed that survived fusion, so nothing aliases."""
@@ -74,10 +127,29 @@ class _Borrowed:
                 if t is not None and id(t) in self.tensors:
                     module._buffers[name] = t.clone()
 
+    def restore_modes(self) -> None:
+        """Borrowed modules are the original's: give them back the training flags they had
+        before the copy was switched to eval."""
+        for module, training in self.modes:
+            module.training = training
+
 
 def _own_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     yield from (t for t in module._parameters.values() if t is not None)
     yield from (t for t in module._buffers.values() if t is not None)
+
+
+def _detached_attributes(model: nn.Module) -> dict[int, object]:
+    """Deep-copy memo entries for tensors that ``copy.deepcopy`` refuses: non-leaf tensors kept
+    as module attributes, such as the weight the legacy ``torch.nn.utils.weight_norm`` hook
+    computes with autograd on. The hook recomputes that attribute before every use, so the
+    copy may hold it detached."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for value in (*vars(module).values(), *module._buffers.values()):
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return memo
 
 
 def _deploy_copy(model: nn.Module) -> tuple[nn.Module, _Borrowed]:
@@ -88,7 +160,8 @@ def _deploy_copy(model: nn.Module) -> tuple[nn.Module, _Borrowed]:
     therefore borrow the original's submodules for the moment between copying and fusing,
     which saves copying nearly every weight (and module) of a RepVGG model. Only children
     used nowhere else are borrowed; :meth:`_Borrowed.release` guarantees nothing borrowed
-    survives in the result.
+    survives in the result, and :meth:`_Borrowed.restore_modes` that switching the copy to
+    eval mode does not leave the original's borrowed modules in eval mode.
     """
     module_uses: Counter[int] = Counter()
     tensor_uses: Counter[int] = Counter()
@@ -99,7 +172,7 @@ def _deploy_copy(model: nn.Module) -> tuple[nn.Module, _Borrowed]:
         if getattr(type(module), "fusion_reads_only", False) and not getattr(
                 module, "deployed", True):
             owners.append(module)
-    memo: dict[int, object] = {}
+    memo = _detached_attributes(model)
     borrowed = _Borrowed()
     for owner in owners:
         for child in owner.children():
@@ -110,6 +183,7 @@ def _deploy_copy(model: nn.Module) -> tuple[nn.Module, _Borrowed]:
                 memo[id(child)] = child
                 borrowed.modules.update(id(m) for m in subtree)
                 borrowed.tensors.update(id(t) for t in tensors)
+                borrowed.modes.extend((m, m.training) for m in subtree)
     return copy.deepcopy(model, memo), borrowed
 
 
@@ -131,7 +205,7 @@ def _protocol_method(module: nn.Module) -> str | None:
     return None
 
 
-def _convert_one(module: nn.Module, path: str) -> nn.Module:
+def _convert_one(module: nn.Module, path: str, changes: list[Change] | None) -> nn.Module:
     name = _protocol_method(module)
     if name is None:
         return module
@@ -140,6 +214,8 @@ def _convert_one(module: nn.Module, path: str) -> nn.Module:
             result = getattr(module, name)()
     except BatchNormStatsError as err:
         raise BatchNormStatsError(f"in '{path or type(module).__name__}': {err}") from err
+    if changes is not None:
+        changes.append(Change(path, module, f"converted by its {name}()"))
     if name == "fuse" and isinstance(result, nn.Module):
         return result
     return module
@@ -152,9 +228,13 @@ def convert_blocks(module: nn.Module, path: str = "") -> nn.Module:
     descends into the *converted* module, so a replacement's own children are reached too.
     Returns the (possibly replaced) module.
     """
-    module = _convert_one(module, path)
+    return _convert_blocks(module, path, None)
+
+
+def _convert_blocks(module: nn.Module, path: str, changes: list[Change] | None) -> nn.Module:
+    module = _convert_one(module, path, changes)
     for name, child in list(module.named_children()):
-        new = convert_blocks(child, f"{path}.{name}" if path else name)
+        new = _convert_blocks(child, f"{path}.{name}" if path else name, changes)
         if new is not child:
             setattr(module, name, new)
     return module
@@ -172,21 +252,25 @@ class _LeafTracer(fx.Tracer):
 
 
 def _is_pair(conv: nn.Module, bn: nn.Module) -> bool:
+    """Shape-level candidate: a convolution and a BatchNorm over its output channels."""
     return (isinstance(conv, _ConvNd) and isinstance(bn, _BatchNorm)
-            and not isinstance(conv.weight, nn.parameter.UninitializedParameter)
             and bn.num_features == conv.out_channels)
 
 
 def _pairs_from_graph(graph: fx.Graph) -> Iterator[tuple[str, str]]:
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    attr_roots = {str(n.target).rsplit(".", 1)[0] for n in graph.nodes if n.op == "get_attr"}
+    attrs = [str(n.target) for n in graph.nodes if n.op == "get_attr"]
+
+    def read_directly(path: str) -> bool:
+        return any(a == path or a.startswith(path + ".") for a in attrs)
+
     for node in graph.nodes:
         if node.op != "call_module" or len(node.users) != 1:
             continue
         (user,) = node.users
-        if (user.op == "call_module" and user.args and user.args[0] is node
+        if (user.op == "call_module" and user.args == (node,) and not user.kwargs
                 and calls[node.target] == 1 and calls[user.target] == 1
-                and node.target not in attr_roots and user.target not in attr_roots):
+                and not read_directly(node.target) and not read_directly(user.target)):
             yield node.target, user.target
 
 
@@ -201,47 +285,76 @@ def _find_pairs(module: nn.Module, prefix: str) -> Iterator[tuple[str, str]]:
         for conv, bn in _pairs_from_graph(graph):
             yield join(conv), join(bn)
         return
-    children = list(module.named_children())
-    if isinstance(module, nn.Sequential):
+    children = [(name, child) for name, child in module._modules.items() if child is not None]
+    if runs_children_in_order(module):
         for (cname, conv), (bname, bn) in zip(children, children[1:]):
             if _is_pair(conv, bn):
                 yield join(cname), join(bname)
+    elif any(_is_pair(a, b) for (_, a), (_, b) in zip(children, children[1:])):
+        log.info("'%s' (%s) cannot be traced and does not run its children in order; its "
+                 "conv->BatchNorm children are left unfolded", prefix or "<model>",
+                 type(module).__name__)
     for name, child in children:
         if next(iter(child.children()), None) is not None:
             yield from _find_pairs(child, join(name))
 
 
 def fold_conv_bn(model: nn.Module) -> int:
-    """Fold every eligible conv->BatchNorm pair of ``model`` in place; returns how many.
+    """Fold every provably exact conv->BatchNorm pair of ``model`` in place; returns how many.
 
     The conv receives the fused weight and bias (all its other settings are kept) and the BN
-    slot becomes ``nn.Identity``.
+    slot becomes ``nn.Identity``. A weight-normalized or spectral-normalized conv first gets
+    its eval-mode weight as a plain parameter.
     """
+    return len(_fold_all(model))
+
+
+def _fold_all(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """Fold what can be folded; returns ``(conv path, bn path, removed BatchNorm)`` per fold."""
     modules = dict(model.named_modules(remove_duplicate=False))
     if not any(isinstance(m, _BatchNorm) for m in modules.values()):
-        return 0
+        return []
     shared = Counter(id(m) for m in modules.values())
-    folded = 0
+    folded = []
     for conv_path, bn_path in list(_find_pairs(model, "")):
         conv, bn = modules.get(conv_path), modules.get(bn_path)
         if conv is None or bn is None or not _is_pair(conv, bn):
             continue
-        if shared[id(conv)] > 1 or shared[id(bn)] > 1:
+        reason = _pair_blocker(conv, bn, shared)
+        if reason is not None:
+            log.info("conv '%s' -> BatchNorm '%s' left unfolded: %s", conv_path, bn_path, reason)
             continue
-        _fold_into(conv, bn, bn_path)
+        _require_stats(bn, bn_path)
+        bake(conv)
+        _fold_into(conv, bn)
         _set_module(model, bn_path, nn.Identity())
-        folded += 1
+        folded.append((conv_path, bn_path, bn))
     return folded
 
 
-@torch.no_grad()
-def _fold_into(conv: _ConvNd, bn: _BatchNorm, bn_path: str) -> None:
+def _pair_blocker(conv: nn.Module, bn: nn.Module, shared: Counter[int]) -> str | None:
+    if shared[id(conv)] > 1:
+        return "the conv is registered at more than one path"
+    if shared[id(bn)] > 1:
+        return "the BatchNorm is registered at more than one path"
+    reason = conv_blocker(conv)
+    if reason is not None:
+        return f"conv: {reason}"
+    reason = bn_blocker(bn)
+    return None if reason is None else f"BatchNorm: {reason}"
+
+
+def _require_stats(bn: _BatchNorm, bn_path: str) -> None:
     if bn.running_mean is None or bn.running_var is None:
         raise BatchNormStatsError(
             f"BatchNorm '{bn_path}' ({type(bn).__name__}) follows a convolution but has no "
             "running statistics (track_running_stats=False), so it cannot be folded; build it "
             "with track_running_stats=True and train or recalibrate it, or export with "
             "reparameterize=False")
+
+
+@torch.no_grad()
+def _fold_into(conv: _ConvNd, bn: _BatchNorm) -> None:
     kernel, bias = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                            bn.weight, bn.bias, groups=conv.groups,
                            transposed=isinstance(conv, _ConvTransposeNd))
