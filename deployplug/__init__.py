@@ -41,6 +41,12 @@ _LAZY = {
     "DeployError": ("deployplug.errors", "DeployError"),
     "UnsupportedOpError": ("deployplug.errors", "UnsupportedOpError"),
     "VerificationError": ("deployplug.errors", "VerificationError"),
+    "IntegrityError": ("deployplug.errors", "IntegrityError"),
+    "ArtifactFormatError": ("deployplug.errors", "ArtifactFormatError"),
+    "OutputDirectoryError": ("deployplug.errors", "OutputDirectoryError"),
+    "ReparameterizationError": ("deployplug.errors", "ReparameterizationError"),
+    "CheckpointLoadError": ("deployplug.errors", "CheckpointLoadError"),
+    "ModuleMismatchError": ("deployplug.errors", "ModuleMismatchError"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

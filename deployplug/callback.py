@@ -3,19 +3,27 @@
 The callback is a thin shell over :func:`deployplug.pipeline.export`. Its job is the Lightning
 plumbing the pipeline must not know about:
 
-* which network to export: a CPU float32 eval *copy* of the LightningModule's network (``net``
-  by default), so the training module keeps its branches and BatchNorms and stays resumable;
-* when: ``on_fit_end`` (the model is unwrapped, on CPU, with final weights and the last
-  checkpoint already written) and, optionally, whenever ModelCheckpoint's best path changes;
-* where: ``<run dir>/deploy/<tag>/`` beside the ``checkpoints`` folder;
-* who: global rank zero exports, the outcome is broadcast so every rank agrees on failures;
-* how failures surface: a warning by default (training results are never lost to a failed
-  export), or an exception with ``fail_on_error``.
+* what to export: what ``pl_module(x)`` computes, on a CPU float32 eval copy of the
+  LightningModule (see :mod:`deployplug.export_subject`); the training module keeps its
+  branches and BatchNorms and stays resumable, and the references every artifact is verified
+  against come from that forward;
+* when: after fit (in ``teardown``, so after every callback's and the module's ``on_fit_end``:
+  weights that an EMA callback swaps in at fit end are the ones exported, whatever the callback
+  order) and, optionally, whenever the content of ModelCheckpoint's best checkpoint changes;
+* where: ``<run dir>/<folder>/<tag>/`` beside the ``checkpoints`` folder, checked to be
+  writable before training starts;
+* who: global rank zero exports; the other ranks wait for its verdict on a dedicated gloo
+  group whose timeout outlasts the export (:mod:`deployplug.rank_sync`);
+* how failures surface: a warning naming the report and the ``.failed`` directory by default
+  (training results are never lost to a failed export), or an exception with
+  ``fail_on_error``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,58 +32,31 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from deployplug.errors import DeployError, VerificationError
-from deployplug.pipeline import deploy_copy
+from deployplug.checkpoint_io import load_checkpoint_into, load_weights, strip_prefix
+from deployplug.errors import DeployError, ParityError, VerificationError
+from deployplug.export_subject import (
+    ExportSubject,
+    lightning_copy,
+    resolve_subject,
+)
+from deployplug.rank_sync import ExportSync
+
+__all__ = ["DeployCallback", "example_shapes", "expected_shape_text", "load_checkpoint_into",
+           "make_example", "onnx_parity", "preflight_reports", "probe_forward", "strip_prefix",
+           "validation_samples"]
 
 EXPORT_TRIGGERS = ("fit_end", "best_checkpoint")
 PREFLIGHT_MODES = ("error", "warn", "off")
+FINAL_TAG = "final"
+DEFAULT_EXPORT_TIMEOUT_S = 4 * 3600.0
 Example = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 # --------------------------------------------------------------------------- building blocks
-
-def resolve_network(pl_module: nn.Module, module_attr: str | None = None) -> tuple[nn.Module, str]:
-    """The module to export and its attribute prefix in the LightningModule's ``state_dict``.
-
-    ``module_attr`` names the attribute explicitly; otherwise a ``net`` attribute holding an
-    ``nn.Module`` is used (the convention of :class:`deployplug.lit.ClassifierModule`), and
-    failing that the LightningModule itself (prefix ``""``).
-    """
-    if module_attr:
-        net = getattr(pl_module, module_attr, None)
-        if not isinstance(net, nn.Module):
-            raise AttributeError(
-                f"{type(pl_module).__name__} has no nn.Module attribute '{module_attr}'")
-        return net, module_attr
-    net = getattr(pl_module, "net", None)
-    if isinstance(net, nn.Module):
-        return net, "net"
-    return pl_module, ""
-
-
-def strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """The entries of a LightningModule ``state_dict`` that belong to attribute ``prefix``."""
-    if not prefix:
-        return dict(state_dict)
-    head = prefix + "."
-    return {k[len(head):]: v for k, v in state_dict.items() if k.startswith(head)}
-
-
-def load_checkpoint_into(network: nn.Module, ckpt_path: str | Path, prefix: str) -> nn.Module:
-    """Load a Lightning checkpoint's weights for ``prefix`` into ``network`` (strictly)."""
-    # The checkpoint holds hyperparameters and loop state besides tensors, so a weights-only
-    # unpickler would refuse files Lightning itself wrote.
-    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
-    weights = strip_prefix(state, prefix)
-    if not weights:
-        raise KeyError(f"checkpoint {ckpt_path} has no weights under '{prefix}.'")
-    network.load_state_dict(weights, strict=True)
-    return network
-
 
 def example_shapes(input_shape: Sequence[int] | None,
                    example_input_array: Any) -> list[tuple[int, ...]]:
@@ -108,13 +89,13 @@ def probe_forward(network: nn.Module, example: Example, expected: str | None = N
     check_runs(network, as_input_tuple(example), hint=hint)
 
 
-def expected_shape_text(pl_module: nn.Module, network: nn.Module) -> str | None:
+def expected_shape_text(pl_module: nn.Module, network: nn.Module | None = None) -> str | None:
     """What the model says its input looks like, for error messages."""
     parts = []
     example = getattr(pl_module, "example_input_array", None)
     if isinstance(example, torch.Tensor):
         parts.append(f"{tuple(example.shape)} (example_input_array)")
-    default = getattr(network, "default_input_shape", None)
+    default = getattr(network if network is not None else pl_module, "default_input_shape", None)
     if default is not None:
         parts.append(f"{tuple(default)} (default_input_shape)")
     return " or ".join(parts) or None
@@ -128,39 +109,103 @@ def target_for(fmt: str, target: str | None) -> str:
 
 
 def preflight_reports(network: nn.Module, example: Example, formats: Sequence[str],
-                      target: str | None) -> list[tuple[str, str, Any]]:
-    """``(format, target, CompatReport)`` for every requested format, without writing files.
+                      target: str | None, reparameterize: bool = True,
+                      onnx_options: dict[str, Any] | None = None) -> list[tuple[str, str, Any]]:
+    """``(format, target, CompatReport)`` for every requested format, without keeping files.
 
-    The fused network is checked, since that is what gets exported (fusing also fails fast
-    on a BatchNorm without running statistics).
+    :func:`deployplug.check` runs the export's own steps (fusion when ``reparameterize``,
+    decomposition, the format's writer) on copies, so a passing report means the export
+    would write the files.
     """
     from deployplug.preflight import check
-    from deployplug.reparam import reparameterize
 
-    network = reparameterize(network)
-    return [(fmt, target_for(fmt, target), check(network, example, target_for(fmt, target)))
+    return [(fmt, target_for(fmt, target),
+             check(network, example, target_for(fmt, target), reparameterize=reparameterize,
+                   onnx_options=onnx_options if fmt == "onnx" else None))
             for fmt in formats]
 
 
-def onnx_parity(onnx_path: str | Path, network: nn.Module, loader: Any) -> dict[str, float]:
+def _batch_inputs(batch: Any, count: int) -> tuple[torch.Tensor, ...] | None:
+    """The model inputs of a ``(x, y)``-style batch (the first ``count`` tensors), if any."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,) if count == 1 else None
+    if isinstance(batch, (tuple, list)) and len(batch) >= count and all(
+            isinstance(t, torch.Tensor) for t in batch[:count]):
+        return tuple(batch[:count])
+    return None
+
+
+def validation_samples(loader: Any, shapes: Sequence[Sequence[int]], count: int = 2,
+                       max_batches: int = 2) -> list[Example]:
+    """Up to ``count`` real inputs of exactly the example's shapes, cut from the first batches.
+
+    Real images exercise value ranges a standard-normal example does not (a normalisation in
+    the forward, saturating activations). Batches whose per-sample shape differs from the
+    example's are not used (the export has a fixed shape); the caller is told by an empty list.
+    """
+    samples: list[Example] = []
+    if loader is None or count <= 0:
+        return samples
+    want = [tuple(int(d) for d in s) for s in shapes]
+    size = want[0][0]
+    for index, batch in enumerate(loader):
+        if index >= max_batches or len(samples) >= count:
+            break
+        inputs = _batch_inputs(batch, len(want))
+        if inputs is None or any(tuple(t.shape[1:]) != s[1:] or t.shape[0] != inputs[0].shape[0]
+                                 for t, s in zip(inputs, want, strict=True)):
+            break
+        for start in range(0, inputs[0].shape[0] - size + 1, size):
+            if len(samples) >= count:
+                break
+            piece = tuple(t[start:start + size].detach().to("cpu", torch.float32).clone()
+                          for t in inputs)
+            samples.append(piece[0] if len(piece) == 1 else piece)
+    return samples
+
+
+def _first_output(value: Any) -> torch.Tensor:
+    from deployplug.io_spec import flatten_outputs
+
+    return flatten_outputs(value)[0]
+
+
+def onnx_parity(onnx_path: str | Path, network: nn.Module, loader: Any,
+                prefix: str = "deploy") -> dict[str, float]:
     """Top-1 agreement of the ONNX model with PyTorch, and both accuracies, over ``loader``.
 
-    A session whose batch dimension is fixed is fed in chunks of that size (the last chunk
-    zero-padded), so static exports can be evaluated too.
+    ``network`` is the reference (the trained forward); its first output and the ONNX
+    model's first output are compared as ``(batch, classes)`` scores. A session whose batch
+    dimension is fixed is fed in chunks of that size (the last chunk zero-padded), so static
+    exports can be evaluated too.
     """
     import numpy as np
-    import onnxruntime as ort
     from torchmetrics.functional.classification import multiclass_accuracy
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    from deployplug.exporters.onnx import make_session
+
+    session = make_session(Path(onnx_path))
+    if len(session.get_inputs()) != 1:
+        raise ValueError(f"validation parity feeds one input; {onnx_path} takes "
+                         f"{len(session.get_inputs())}")
     feed = session.get_inputs()[0]
     fixed = feed.shape[0] if isinstance(feed.shape[0], int) and feed.shape[0] > 0 else None
     torch_logits, onnx_logits, labels = [], [], []
     for batch in loader:
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            x, y = batch[0], batch[1]
+        elif isinstance(batch, torch.Tensor):
+            x, y = batch, None
+        else:
+            raise ValueError(f"validation parity expects (inputs, labels) batches, got a "
+                             f"{type(batch).__name__}")
         x = x.detach().to("cpu", torch.float32)
         with torch.no_grad():
-            torch_logits.append(network(x))
+            logits = _first_output(network(x))
+        if logits.ndim != 2:
+            raise ValueError(f"validation parity compares top-1 classes: the first output must "
+                             f"be (batch, classes) scores, got shape {tuple(logits.shape)}")
+        torch_logits.append(logits)
         arr = x.numpy()
         step = fixed or len(arr)
         outs = []
@@ -177,13 +222,13 @@ def onnx_parity(onnx_path: str | Path, network: nn.Module, loader: Any) -> dict[
         raise ValueError("the validation dataloader is empty")
     t, o = torch.cat(torch_logits), torch.cat(onnx_logits)
     num_classes = t.shape[1]
-    metrics = {"deploy/onnx/val_agreement": float(multiclass_accuracy(
+    metrics = {f"{prefix}/onnx/val_agreement": float(multiclass_accuracy(
         o, t.argmax(1), num_classes=num_classes, average="micro"))}
     if labels:
         y = torch.cat(labels)
-        metrics["deploy/onnx/val_acc"] = float(
+        metrics[f"{prefix}/onnx/val_acc"] = float(
             multiclass_accuracy(o, y, num_classes=num_classes, average="micro"))
-        metrics["deploy/torch/val_acc"] = float(
+        metrics[f"{prefix}/torch/val_acc"] = float(
             multiclass_accuracy(t, y, num_classes=num_classes, average="micro"))
     return metrics
 
@@ -191,47 +236,69 @@ def onnx_parity(onnx_path: str | Path, network: nn.Module, loader: Any) -> dict[
 # --------------------------------------------------------------------------- callback
 
 class DeployCallback(Callback):
-    """Fuse, export and verify the trained network without touching the training module.
+    """Fuse, export and verify what the LightningModule computes, without touching it.
 
     Args:
-        formats: artifact formats to write (``onnx``, ``caffe``, ``msnhnet``).
+        formats: artifact formats to write (``onnx``, ``caffe``, ``msnhnet``); one name or a
+            list.
         target: a target profile refining one format (``om`` for the Caffe files).
         input_shape: example input shape, batch dim included; defaults to the shape of the
             LightningModule's ``example_input_array``.
         dirpath: folder holding one sub-folder per export; defaults to ``<run dir>/<folder>``
             beside the ``checkpoints`` folder.
         folder: name of that default folder; give each DeployCallback of a run its own.
-        export_on: ``fit_end`` and/or ``best_checkpoint`` (re-export whenever
+        export_on: ``fit_end`` and/or ``best_checkpoint`` (export whenever the content of
             ModelCheckpoint's best checkpoint changes, from that checkpoint's weights).
-        verify: run each artifact in its runtime and compare with PyTorch.
+        verify: run each artifact in its runtime and compare with the LightningModule's
+            forward.
         validation_parity: after the final export, run the ONNX model over the validation
             set and log top-1 agreement with PyTorch and both accuracies.
         fail_on_error: raise when an export or verification fails (after the checkpoints are
             saved) instead of warning.
-        preflight: at fit start, check that every format can take the model: ``error`` stops
-            before the first training step, ``warn`` only reports, ``off`` skips the check.
+        preflight: at fit start, check what will be exported and that every format can take
+            it: ``error`` stops before the first training step, ``warn`` only reports,
+            ``off`` skips the check (the output folder is checked in every mode).
         tolerance: largest normalized error accepted by verification.
         onnx_dynamo: use the dynamo-based ONNX exporter instead of the TorchScript one.
         opset: ONNX opset version.
         dynamic_batch: export ONNX with a dynamic batch dimension (always on with
             ``validation_parity``).
-        module_attr: LightningModule attribute holding the network; default ``net`` if
-            present, else the LightningModule itself.
+        module_attr: what to export. ``None`` (default): the LightningModule's forward, or
+            its ``net`` when that reproduces the forward exactly. ``""``: always the whole
+            forward. A (dotted) attribute name: that submodule, which must reproduce the
+            forward unless ``accept_submodule_mismatch``.
+        accept_submodule_mismatch: export the named submodule even though it computes
+            something other than the forward; its artifacts are then verified against the
+            submodule itself, and ``validation_parity`` is refused.
+        reparameterize: fuse branches and BatchNorms before export (``False`` exports the
+            training form, e.g. for a BatchNorm without running statistics).
+        metric_prefix: prefix of every logged key; defaults to ``folder``, so two callbacks
+            of one run never log the same keys.
+        trust_checkpoint: read checkpoints with full unpickling (can run code from the file)
+            for checkpoint-time exports; only for checkpoints holding custom objects.
+        export_timeout: seconds the other DDP ranks wait for rank zero's export.
+        validation_samples: real validation inputs (of the example's shape) added to the
+            verification samples; ``0`` uses the example and random inputs only.
     """
 
-    def __init__(self, formats: Sequence[str] = ("onnx",), target: str | None = None,
+    def __init__(self, formats: str | Sequence[str] = ("onnx",), target: str | None = None,
                  input_shape: Sequence[int] | None = None, dirpath: str | None = None,
                  folder: str = "deploy",
-                 export_on: Sequence[Literal["fit_end", "best_checkpoint"]] = ("fit_end",),
+                 export_on: str | Sequence[Literal["fit_end", "best_checkpoint"]] = ("fit_end",),
                  verify: bool = True,
                  validation_parity: bool = False, fail_on_error: bool = False,
                  preflight: Literal["error", "warn", "off"] = "error", tolerance: float = 1e-5,
                  onnx_dynamo: bool = False, opset: int = 17, dynamic_batch: bool = False,
-                 module_attr: str | None = None):
+                 module_attr: str | None = None, accept_submodule_mismatch: bool = False,
+                 reparameterize: bool = True, metric_prefix: str | None = None,
+                 trust_checkpoint: bool = False,
+                 export_timeout: float = DEFAULT_EXPORT_TIMEOUT_S,
+                 validation_samples: int = 2):
         super().__init__()
-        self.formats = tuple(formats)
+        self.formats = (formats,) if isinstance(formats, str) else tuple(formats)
         if not self.formats:
             raise ValueError("DeployCallback needs at least one format")
+        export_on = (export_on,) if isinstance(export_on, str) else tuple(export_on)
         bad = [t for t in export_on if t not in EXPORT_TRIGGERS]
         if bad:
             raise ValueError(f"unknown export_on value(s) {bad}; choose from {EXPORT_TRIGGERS}")
@@ -239,16 +306,24 @@ class DeployCallback(Callback):
             raise ValueError(f"preflight must be one of {PREFLIGHT_MODES}, got {preflight!r}")
         if validation_parity and "onnx" not in self.formats:
             raise ValueError("validation_parity runs the ONNX artifact: add 'onnx' to formats")
+        if validation_parity and accept_submodule_mismatch:
+            raise ValueError("validation_parity measures the LightningModule's predictions; with "
+                             "accept_submodule_mismatch the artifact computes something else")
         if input_shape is not None and (not input_shape or any(int(d) < 1 for d in input_shape)):
             raise ValueError(f"input_shape must be positive sizes (batch first), got "
                              f"{list(input_shape)}")
+        if not folder or Path(folder).name != folder:
+            raise ValueError(f"folder must be a plain folder name, got {folder!r}")
+        prefix = folder if metric_prefix is None else metric_prefix.strip("/")
+        if not prefix:
+            raise ValueError(f"metric_prefix must be a non-empty name, got {metric_prefix!r}")
+        if validation_samples < 0:
+            raise ValueError(f"validation_samples must be >= 0, got {validation_samples}")
         self.target = target
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         self.dirpath = dirpath
-        if not folder or Path(folder).name != folder:
-            raise ValueError(f"folder must be a plain folder name, got {folder!r}")
         self.folder = folder
-        self.export_on = tuple(export_on)
+        self.export_on = export_on
         self.verify = verify
         self.validation_parity = validation_parity
         self.fail_on_error = fail_on_error
@@ -258,12 +333,23 @@ class DeployCallback(Callback):
         self.opset = opset
         self.dynamic_batch = dynamic_batch
         self.module_attr = module_attr
-        # Persistent state (see state_dict): what was exported, and the last best path seen.
+        self.accept_submodule_mismatch = accept_submodule_mismatch
+        self.reparameterize = reparameterize
+        self.metric_prefix = prefix
+        self.trust_checkpoint = trust_checkpoint
+        self.export_timeout = float(export_timeout)
+        self.validation_samples = int(validation_samples)
+        self._sync = ExportSync(self.export_timeout)
+        # Persistent state (see state_dict): what was exported, and the best checkpoint seen.
         self.exports: dict[str, dict[str, Any]] = {}
         self.last_exported_best: str | None = None
+        self.best_key: list[Any] | None = None
         # Per-fit state, resolved in on_fit_start on every rank.
         self._root: Path | None = None
         self._shapes: list[tuple[int, ...]] | None = None
+        self._final_pending = False
+        self._final_loader: Any = None
+        self._accept_loaded_state = True
 
     @property
     def state_key(self) -> str:
@@ -272,16 +358,26 @@ class DeployCallback(Callback):
 
     # ----------------------------------------------------------------- Lightning hooks
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING:
+            self._sync.open()  # collective: every rank runs setup, in the same order
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # ModelCheckpoint resolves its dirpath in its own setup, which runs after ours, so
         # the output folder is decided here; trainer.log_dir is collective: every rank asks.
         self._root = self._resolve_root(trainer)
+        self._final_pending = False
         for other in trainer.callbacks:
-            if isinstance(other, DeployCallback) and other is not self and \
-                    other._resolve_root(trainer) == self._root:
+            if not isinstance(other, DeployCallback) or other is self:
+                continue
+            if other._resolve_root(trainer) == self._root:
                 raise ValueError(
                     f"two DeployCallbacks would write to {self._root}; give each its own "
                     "folder (or dirpath)")
+            if other.metric_prefix == self.metric_prefix:
+                raise ValueError(
+                    f"two DeployCallbacks would log under '{self.metric_prefix}/'; give each "
+                    "its own metric_prefix (or folder)")
         self._shapes = example_shapes(self.input_shape,
                                       getattr(pl_module, "example_input_array", None))
         if self.target and all(target_for(f, self.target) != self.target for f in self.formats):
@@ -291,13 +387,14 @@ class DeployCallback(Callback):
         if "best_checkpoint" in self.export_on and trainer.checkpoint_callback is None:
             rank_zero_warn("DeployCallback(export_on=[..., 'best_checkpoint']) needs a "
                            "ModelCheckpoint callback; only fit-end exports will happen")
+        self._refuse_unwritable_output(trainer)
         if self.preflight == "off":
             return
         error: BaseException | None = None
         if trainer.is_global_zero:
             with torch.random.fork_rng(devices=[]):  # leave training's random stream alone
                 error = self._preflight(pl_module)
-        message = trainer.strategy.broadcast(None if error is None else str(error), src=0)
+        message = self._broadcast(trainer, None if error is None else str(error))
         if message is None:
             return
         if self.preflight == "warn":
@@ -322,18 +419,55 @@ class DeployCallback(Callback):
         if trainer.fast_dev_run:
             rank_zero_info("DeployCallback: fast_dev_run, no artifacts written")
             return
-        if "best_checkpoint" in self.export_on:
-            self._maybe_export_best(trainer, pl_module)
-        if "fit_end" in self.export_on:
-            self._collective(trainer, lambda: self._export_final(trainer, pl_module))
+        # The export itself waits for teardown, which runs after every callback's (and the
+        # module's) on_fit_end: an averaging callback that installs its weights there, listed
+        # before or after this one, is then already done. The validation loader is taken now,
+        # before the datamodule's own teardown may release its data.
+        self._final_pending = True
+        if trainer.is_global_zero and (self.validation_parity or self.validation_samples):
+            self._final_loader = _validation_loader(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._accept_loaded_state = True  # a test/validate restore that had no state for us
+        if stage != TrainerFn.FITTING:
+            return
+        try:
+            if self._final_pending:
+                self._final_pending = False
+                if "best_checkpoint" in self.export_on:
+                    self._maybe_export_best(trainer, pl_module)
+                if "fit_end" in self.export_on:
+                    self._collective(trainer, lambda: self._export_final(trainer, pl_module))
+        finally:
+            self._final_loader = None
+            self._sync.close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._final_pending = False
+        self._final_loader = None
+        self._sync.close()
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Lightning restores callback state for test/validate/predict too; only resuming a fit
+        # continues this callback's record (testing the best checkpoint must not roll back
+        # the exports of the run that just finished).
+        self._accept_loaded_state = trainer.state.fn == TrainerFn.FITTING
 
     def state_dict(self) -> dict[str, Any]:
         return {"exports": copy.deepcopy(self.exports),
-                "last_exported_best": self.last_exported_best}
+                "last_exported_best": self.last_exported_best,
+                "best_key": None if self.best_key is None else list(self.best_key)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        accept, self._accept_loaded_state = self._accept_loaded_state, True
+        if not accept:
+            return
         self.exports = dict(state_dict.get("exports", {}))
         self.last_exported_best = state_dict.get("last_exported_best")
+        key = state_dict.get("best_key")
+        self.best_key = None if key is None else list(key)
 
     # ----------------------------------------------------------------- steps
 
@@ -346,23 +480,53 @@ class DeployCallback(Callback):
             return Path(ckpt_dir).parent / self.folder
         return Path(trainer.log_dir or trainer.default_root_dir) / self.folder
 
-    def _network_copy(self, pl_module: pl.LightningModule) -> tuple[nn.Module, str]:
-        network, prefix = resolve_network(pl_module, self.module_attr)
-        return deploy_copy(network), prefix
+    def _broadcast(self, trainer: pl.Trainer, obj: Any) -> Any:
+        return self._sync.broadcast(obj, fallback=trainer.strategy.broadcast)
+
+    def _refuse_unwritable_output(self, trainer: pl.Trainer) -> None:
+        """Stop before training when the fit-end export could not be written."""
+        from deployplug.outdir import check_output_dir
+        from deployplug.pipeline import failed_path
+
+        assert self._root is not None
+        error: BaseException | None = None
+        if trainer.is_global_zero:
+            try:
+                _require_writable_folder(self._root)
+                if "fit_end" in self.export_on:
+                    check_output_dir(self._root / FINAL_TAG)
+                    check_output_dir(failed_path(self._root / FINAL_TAG))
+            except DeployError as exc:
+                error = exc
+        message = self._broadcast(trainer, None if error is None else str(error))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise DeployError(message)
 
     def _example(self) -> Example:
         assert self._shapes is not None, "on_fit_start resolves the example shape"
         return make_example(self._shapes)
 
+    def _onnx_options(self) -> dict[str, Any]:
+        return {"dynamo": self.onnx_dynamo, "opset": self.opset,
+                "dynamic_batch": self.dynamic_batch or self.validation_parity}
+
+    def _subject(self, lit: nn.Module, samples: Sequence[Example]) -> ExportSubject:
+        expected = expected_shape_text(lit, getattr(lit, "net", None))
+        probe_forward(lit, samples[0], expected)
+        return resolve_subject(lit, samples, self.module_attr, self.accept_submodule_mismatch)
+
     def _preflight(self, pl_module: pl.LightningModule) -> BaseException | None:
         """Rank-zero pre-flight; returns the failure instead of raising (it is broadcast)."""
         try:
-            network, _ = self._network_copy(pl_module)
             example = self._example()
-            probe_forward(network, example, expected_shape_text(pl_module, network))
+            subject = self._subject(lightning_copy(pl_module), [example])
+            rank_zero_info(f"DeployCallback pre-flight: exporting {subject.name}")
             failed = []
-            for fmt, target, report in preflight_reports(network, example, self.formats,
-                                                         self.target):
+            for fmt, target, report in preflight_reports(
+                    subject.model, example, self.formats, self.target, self.reparameterize,
+                    self._onnx_options()):
                 rank_zero_info(f"DeployCallback pre-flight [{fmt} -> {target}]\n{report}")
                 if not report.passed:
                     failed.append(report)
@@ -381,8 +545,9 @@ class DeployCallback(Callback):
                     work()
             except Exception as exc:
                 error = exc
-        # broadcast doubles as the barrier that keeps other ranks from racing ahead.
-        message = trainer.strategy.broadcast(None if error is None else _describe(error), src=0)
+        # The broadcast doubles as the barrier that keeps other ranks from racing ahead; it
+        # runs on the export group, whose timeout outlasts the export.
+        message = self._broadcast(trainer, None if error is None else _describe(error))
         if message is None:
             return
         if not self.fail_on_error:
@@ -394,99 +559,258 @@ class DeployCallback(Callback):
         raise DeployError(message)
 
     def _export_final(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        network, _ = self._network_copy(pl_module)
-        manifest = self._export(trainer, pl_module, network, "final")
+        lit = lightning_copy(pl_module)
+        example = self._example()
+        assert self._shapes is not None
+        real = validation_samples(self._final_loader, self._shapes, self.validation_samples)
+        if self.validation_samples and self._final_loader is not None and not real:
+            rank_zero_warn("DeployCallback: no validation batch matches the example shape "
+                           f"{self._shapes}; verifying on the example and random inputs only")
+        subject = self._subject(lit, [example, *real])
+        manifest = self._export(trainer, subject, FINAL_TAG, example, real,
+                                {"epoch": trainer.current_epoch,
+                                 "global_step": trainer.global_step})
         if self.validation_parity:
-            self._parity(trainer, network, manifest)
-        self._raise_if_unverified(manifest, "final")
+            self._parity(trainer, subject, manifest)
 
     def _maybe_export_best(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":
             return
-        ckpt = trainer.checkpoint_callback
         # Rank zero's view decides, so ranks that track an unsynced metric cannot diverge
         # into a collective that only some of them enter.
-        best = trainer.strategy.broadcast(getattr(ckpt, "best_model_path", "") or "", src=0)
-        if not best or best == self.last_exported_best:
+        key = self._broadcast(trainer, _best_key(trainer) if trainer.is_global_zero else None)
+        if key is None or key == self.best_key:
+            if trainer.is_global_zero:
+                self._prune_deleted()
             return
+        self.best_key = list(key)
+        best = str(key[0])
         self.last_exported_best = best
 
         def work() -> None:
-            network, prefix = self._network_copy(pl_module)
-            load_checkpoint_into(network, best, prefix)
-            manifest = self._export(trainer, pl_module, network, Path(best).stem, source=best)
-            self._prune_stale(keep=Path(best).stem)
-            self._raise_if_unverified(manifest, Path(best).stem)
+            self._prune_deleted()
+            lit = lightning_copy(pl_module)
+            info = load_weights(lit, best, "", trust_checkpoint=self.trust_checkpoint)
+            tag = _checkpoint_tag(best)
+            if self._already_exported(tag, info.sha256):
+                rank_zero_info(f"DeployCallback: {best} is already exported in {self._root}/{tag}")
+                return
+            example = self._example()
+            assert self._shapes is not None
+            real = validation_samples(_validation_loader(trainer), self._shapes,
+                                      self.validation_samples)
+            subject = self._subject(lit, [example, *real])
+            self._export(trainer, subject, tag, example, real, info.metadata(), source=best)
 
         self._collective(trainer, work)
 
-    def _prune_stale(self, keep: str) -> None:
+    def _already_exported(self, tag: str, sha256: str) -> bool:
+        """Whether ``tag`` holds a passed export of exactly this checkpoint content.
+
+        Read from the folder's manifest, not from this callback's state: the state saved in a
+        checkpoint predates the export of that very checkpoint, so a resumed run would
+        otherwise export an unchanged best checkpoint again.
+        """
+        assert self._root is not None
+        manifest = _read_manifest(self._root / tag) or {}
+        extra = manifest.get("extra") or {}
+        if manifest.get("passed") is not True or extra.get("checkpoint_sha256") != sha256 \
+                or extra.get("tag") != tag:
+            return False
+        self.exports.setdefault(tag, {
+            "dir": str(self._root / tag), "passed": True, "formats": list(manifest.get(
+                "formats") or {}), "target": self.target, "source": extra.get("source_checkpoint"),
+            "checkpoint_sha256": sha256, "epoch": extra.get("epoch"),
+            "global_step": extra.get("global_step"),
+            "exported_module": extra.get("exported_module"), "metrics": {}})
+        return True
+
+    def _prune_deleted(self) -> None:
         """Drop checkpoint-time exports whose checkpoint ModelCheckpoint has deleted.
 
-        The deploy folder then mirrors the top-k checkpoints instead of growing every epoch.
-        Only folders this callback wrote (recorded with their source) are removed.
+        The deploy folder then mirrors the checkpoints instead of outliving them. A folder is
+        removed only when its manifest says this callback wrote it from that checkpoint and
+        it holds nothing but the files that manifest lists.
         """
+        from deployplug.pipeline import failed_path
+
         for tag, info in list(self.exports.items()):
             source = info.get("source")
-            if tag == keep or not source or Path(source).exists():
+            if not source or Path(source).exists():
                 continue
             folder = Path(info["dir"])
-            if (folder / "manifest.json").is_file():
-                shutil.rmtree(folder, ignore_errors=True)
+            for candidate in (folder, failed_path(folder)):
+                if _owned_export(candidate, source, tag):
+                    shutil.rmtree(candidate)
+                elif candidate.exists():
+                    rank_zero_warn(f"DeployCallback: left {candidate} in place: it holds files "
+                                   "this callback did not write")
             del self.exports[tag]
 
-    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
-                tag: str, source: str | None = None) -> Any:
+    def _export(self, trainer: pl.Trainer, subject: ExportSubject, tag: str, example: Example,
+                real: Sequence[Example], metadata: dict[str, Any],
+                source: str | None = None) -> Any:
         from deployplug import pipeline
 
         assert self._root is not None, "on_fit_start resolves the output folder"
-        example = self._example()
-        probe_forward(network, example, expected_shape_text(pl_module, network))
         out_dir = self._root / tag
-        onnx_options = {"dynamo": self.onnx_dynamo, "opset": self.opset,
-                        "dynamic_batch": self.dynamic_batch or self.validation_parity}
-        manifest = pipeline.export(network, example, out_dir, formats=self.formats,
-                                   target=self.target, verify=self.verify,
-                                   tolerance=self.tolerance, onnx_options=onnx_options,
-                                   metadata={"tag": tag, "source_checkpoint": source,
-                                             "epoch": trainer.current_epoch,
-                                             "global_step": trainer.global_step})
-        rank_zero_info(f"DeployCallback export '{tag}' -> {manifest.dir}\n{manifest}")
-        metrics = dict(manifest.metrics())
-        if tag != "final":  # keep per-checkpoint numbers apart from the final ones
-            metrics = {k.replace("deploy/", "deploy/best/", 1): v for k, v in metrics.items()}
+        extra = {"tag": tag, "source_checkpoint": source, **metadata, **subject.metadata()}
+        record: dict[str, Any] = {
+            "dir": str(out_dir), "passed": False, "formats": list(self.formats),
+            "target": self.target, "source": source,
+            "checkpoint_sha256": metadata.get("checkpoint_sha256"),
+            "epoch": metadata.get("epoch"), "global_step": metadata.get("global_step"),
+            "exported_module": subject.name, "metrics": {}}
+        prefix = self.metric_prefix if tag == FINAL_TAG else f"{self.metric_prefix}/best"
+        try:
+            manifest = pipeline.export(
+                subject.model, example, out_dir, formats=self.formats, target=self.target,
+                reparameterize=self.reparameterize, verify=self.verify,
+                tolerance=self.tolerance, onnx_options=self._onnx_options(),
+                extra_inputs=list(real), strict=True, metadata=extra,
+                reference_model=subject.reference)
+        except DeployError as exc:
+            self._record_failure(trainer, tag, record, exc, prefix)
+            raise
+        rank_zero_info(f"DeployCallback export '{tag}' ({subject.name}) -> {manifest.dir}\n"
+                       f"{manifest}")
+        metrics = manifest.metrics(prefix=prefix)
         self._log(trainer, metrics)
-        self.exports[tag] = {"dir": str(manifest.dir), "passed": bool(manifest.passed),
-                             "formats": list(self.formats), "target": self.target,
-                             "source": source, "step": trainer.global_step,
-                             "metrics": {k: float(v) for k, v in manifest.metrics().items()}}
+        record.update(dir=str(manifest.dir), passed=bool(manifest.passed),
+                      metrics={k: float(v) for k, v in metrics.items()})
+        self.exports[tag] = record
         return manifest
 
-    def _raise_if_unverified(self, manifest: Any, tag: str) -> None:
-        if self.verify and not manifest.passed:
-            raise VerificationError(manifest.verification)
+    def _record_failure(self, trainer: pl.Trainer, tag: str, record: dict[str, Any],
+                        exc: DeployError, prefix: str) -> None:
+        """Keep what landed and where the failed files are, and log the failed numbers."""
+        landed = getattr(exc, "manifest", None)
+        failed_dir = getattr(exc, "failed_dir", None)
+        metrics = dict(landed.metrics(prefix=prefix)) if landed is not None else {}
+        report = getattr(exc, "report", None)
+        if isinstance(exc, VerificationError) and report is not None:
+            for fmt in report.formats():
+                metrics[f"{prefix}/{fmt}/max_error"] = float(report.max_error(fmt))
+                metrics[f"{prefix}/{fmt}/passed"] = 0.0
+        if metrics:
+            self._log(trainer, metrics)
+        record.update(
+            dir=str(landed.dir) if landed is not None else None,
+            failed_dir=str(failed_dir) if failed_dir is not None and Path(failed_dir).exists()
+            else None,
+            landed_formats=list(landed.formats) if landed is not None else [],
+            metrics={k: float(v) for k, v in metrics.items()})
+        self.exports[tag] = record
 
-    def _parity(self, trainer: pl.Trainer, network: nn.Module, manifest: Any) -> None:
-        loader = _validation_loader(trainer)
+    def _parity(self, trainer: pl.Trainer, subject: ExportSubject, manifest: Any) -> None:
+        loader = self._final_loader
         if loader is None:
             rank_zero_warn("DeployCallback: validation_parity is on but there is no validation "
                            "dataloader; skipped")
             return
-        metrics = onnx_parity(manifest.artifact("onnx"), network, loader)
+        onnx_file = manifest.artifact("onnx")
+        try:
+            metrics = onnx_parity(onnx_file, subject.reference, loader,
+                                  prefix=self.metric_prefix)
+        except Exception as exc:
+            raise ParityError(
+                f"running {onnx_file} over the validation set failed with "
+                f"{type(exc).__name__}: {exc}. The artifact itself is exported and verified; "
+                "set validation_parity=False to skip this measurement") from exc
         self._log(trainer, metrics)
-        self.exports["final"]["metrics"].update(metrics)
+        self.exports[FINAL_TAG]["metrics"].update(metrics)
         rank_zero_info("DeployCallback validation parity: " +
                        ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     @staticmethod
     def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        # self.log is not allowed in on_fit_end; loggers are still open, so go to them directly.
+        # self.log is not allowed in on_fit_end/teardown; loggers are still open, so go to
+        # them directly.
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
 
+# --------------------------------------------------------------------------- helpers
+
 def _describe(error: BaseException) -> str:
-    return f"deployment export failed with {type(error).__name__}: {error}"
+    """One paragraph for the warning (or the other ranks' exception) about a failure."""
+    failed_dir = getattr(error, "failed_dir", None)
+    where = f"; the failed files are in {failed_dir}" if failed_dir is not None else ""
+    landed = getattr(error, "manifest", None)
+    if landed is not None:
+        where += f"; formats that passed are in {landed.dir}"
+    if isinstance(error, ParityError):
+        return f"validation parity failed with ParityError: {error}"
+    if isinstance(error, VerificationError):
+        return f"export verification failed with VerificationError: {error}{where}"
+    return f"deployment export failed with {type(error).__name__}: {error}{where}"
+
+
+def _require_writable_folder(root: Path) -> None:
+    """``root`` (the folder of exports) is a writable directory or can be created as one."""
+    from deployplug.errors import OutputDirectoryError
+
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if root.is_symlink() or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "a file" if existing.exists() and not existing.is_dir() else "not writable"
+        raise OutputDirectoryError(
+            f"DeployCallback cannot write its exports under {root}: {existing} is {what}. "
+            "Pass a writable DeployCallback(dirpath=...) or fix the permissions")
+
+
+def _best_key(trainer: pl.Trainer) -> list[Any] | None:
+    """What identifies the best checkpoint's *content*: path, score, size and mtime.
+
+    ModelCheckpoint reuses a file name when its ``filename`` has no placeholders, so the path
+    alone would never change after the first save.
+    """
+    ckpt = trainer.checkpoint_callback
+    path = getattr(ckpt, "best_model_path", "") or ""
+    if not path:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    score = getattr(ckpt, "best_model_score", None)
+    score_text = None if score is None else repr(float(score))
+    return [str(path), score_text, int(stat.st_size), int(stat.st_mtime_ns)]
+
+
+def _checkpoint_tag(path: str) -> str:
+    """The export folder name of a checkpoint: its stem, kept apart from the final export."""
+    stem = Path(path).stem
+    return stem if stem != FINAL_TAG else f"{FINAL_TAG}-checkpoint"
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    from deployplug.manifest import MANIFEST_FILE
+
+    path = folder / MANIFEST_FILE
+    try:
+        if not path.is_file() or path.stat().st_size > (16 << 20):
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _owned_export(folder: Path, source: str, tag: str) -> bool:
+    """Whether ``folder`` is an export this callback wrote from ``source`` and nothing else."""
+    from deployplug.manifest import MANIFEST_FILE
+
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    manifest = _read_manifest(folder)
+    extra = (manifest or {}).get("extra") or {}
+    if extra.get("source_checkpoint") != source or extra.get("tag") != tag:
+        return False
+    listed = {f.get("name") for f in manifest.get("files", []) if isinstance(f, dict)}
+    present = {p.name for p in folder.iterdir()}
+    return present <= listed | {MANIFEST_FILE}
 
 
 def _validation_loader(trainer: pl.Trainer) -> Any:

@@ -15,7 +15,15 @@ if TYPE_CHECKING:
 
 
 class DeployError(RuntimeError):
-    """Base class of every deployplug failure that concerns the user's model or files."""
+    """Base class of every deployplug failure that concerns the user's model or files.
+
+    An export that fails for some formats still lands the ones that passed; the error then
+    carries the manifest of what landed (``manifest``, or None) and the directory holding the
+    failed formats' files for debugging (``failed_dir``, or None).
+    """
+
+    manifest: Any = None
+    failed_dir: Any = None
 
 
 @dataclass(frozen=True)
@@ -104,3 +112,7 @@ class CheckpointLoadError(DeployError):
 
 class ParityError(DeployError):
     """Running an artifact over the validation set failed (not the export itself)."""
+
+
+class ModuleMismatchError(DeployError):
+    """The module to be exported does not compute what the trained forward computes."""

@@ -1,9 +1,9 @@
 """A LightningModule that trains any model of the zoo as an image classifier.
 
 The network lives in the ``net`` attribute and the LightningModule adds nothing to its
-forward pass, so :class:`deployplug.callback.DeployCallback` can export exactly the network
-(and strip the ``net.`` prefix from checkpoint keys) without knowing anything else about this
-class.
+forward pass. :class:`deployplug.callback.DeployCallback` checks that ``net`` reproduces the
+forward exactly and then exports ``net`` alone (the same function, with module paths that
+carry no ``net.`` prefix); a subclass whose forward does more is exported whole.
 """
 
 from __future__ import annotations

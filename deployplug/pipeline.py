@@ -1,18 +1,26 @@
-"""The one pipeline: reparameterize -> decompose -> write each format -> verify -> manifest.
+"""The one pipeline: reparameterize -> decompose -> write each format -> verify -> land.
 
-The Lightning callback, the command line and the Python API all call :func:`export`. It
-works on a CPU float32 eval copy, so the caller's (training) model is never touched, and it
-builds the artifact directory beside its destination and renames it into place only when
-every file, the reference data and the manifest are written: a failed export leaves no
-partial directory behind.
+The Lightning callback, the command line and the Python API all call :func:`export`. What it
+promises:
+
+* **Nothing lost.** The destination is checked before any work starts (deployplug writes only
+  into a new path, an empty directory or one of its own exports; see :mod:`.outdir`), and the
+  caller's (training) model is never touched: the pipeline works on a CPU float32 eval copy.
+* **What was trained.** Reference outputs come from ``reference_model`` (the trained forward)
+  when it is given, never from the thing being exported, and every artifact is compared with
+  them on the example input, two seeded random samples and any real batches passed in.
+* **Only PASSED artifacts land.** Each format is written into a staging directory and verified
+  there. Formats that pass are moved to ``out_dir`` together (atomically, with the manifest
+  written last); formats that fail to write or to verify go to ``<out_dir>.failed/`` with a
+  manifest of their own, and the error is raised after the passing formats have landed.
 """
 
 from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +32,16 @@ from deployplug.errors import (
     DeployError,
     ExportFailedError,
     InputShapeError,
-    OutputDirectoryError,
+    ModuleMismatchError,
     VerificationError,
 )
 from deployplug.exporters import get_exporter
 from deployplug.exporters.base import FormatRecord
+from deployplug.io_spec import FlatOutputs, input_names, output_spec, unwrap_compiled
 from deployplug.manifest import Manifest, describe_files
+from deployplug.outdir import ArtifactWriter, check_output_dir
 from deployplug.profiles import TargetProfile, get_target
+from deployplug.testing import normalized_error
 from deployplug.verification import (
     DEFAULT_TOLERANCE,
     REFERENCE_FILE,
@@ -42,18 +53,51 @@ from deployplug.verification import (
 )
 
 Inputs = torch.Tensor | Sequence[torch.Tensor]
+FAILED_SUFFIX = ".failed"
+#: seeds of the random verification samples; distinct from any seed an example is drawn with
+_SAMPLE_SEEDS = (0x5EED1, 0x5EED2)
 
 
 def deploy_copy(model: nn.Module) -> nn.Module:
-    """A CPU, float32, eval-mode deep copy; the original keeps its device, dtype and mode."""
-    clone = copy.deepcopy(model)
+    """A CPU, float32, eval-mode deep copy; the original keeps its device, dtype and mode.
+
+    A ``torch.compile`` wrapper is unwrapped first: the compiled function is the module it
+    wraps, and that module is what can be captured and exported.
+    """
+    from deployplug.reparam.passes import _detached_attributes
+
+    source = unwrap_compiled(model)
+    clone = copy.deepcopy(source, _detached_attributes(source))
     return clone.cpu().float().eval()
+
+
+def normalize_formats(formats: str | Sequence[str]) -> list[str]:
+    """``"onnx"`` or ``["onnx", "caffe"]`` -> a list without duplicates, every name known."""
+    names = [formats] if isinstance(formats, str) else list(formats)
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise ValueError("formats is empty: name at least one of onnx, caffe, msnhnet")
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"a format is a name such as 'onnx', got {name!r}")
+        get_exporter(name)  # raises for an unknown name
+    return names
+
+
+def failed_path(out_dir: Path) -> Path:
+    """Where the files of formats that failed go: a sibling, never inside ``out_dir``."""
+    return out_dir.with_name(out_dir.name + FAILED_SUFFIX)
 
 
 def as_input_tuple(example_input: Inputs) -> tuple[torch.Tensor, ...]:
     items = (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
     if not items or not all(isinstance(t, torch.Tensor) for t in items):
         raise InputShapeError("example_input must be a tensor or a sequence of tensors")
+    for t in items:
+        if not t.is_floating_point():
+            raise InputShapeError(
+                f"example input of dtype {t.dtype}: deployment formats here take float32 "
+                "inputs; pass a floating-point example (integer inputs are not exported)")
     return tuple(t.detach().cpu().float() for t in items)
 
 
@@ -71,7 +115,8 @@ def check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...],
                hint: str = "") -> list[np.ndarray]:
     """Run the model once; a failure here is almost always a wrong input shape."""
     try:
-        return torch_outputs(model, [t.numpy() for t in inputs])
+        with torch.no_grad():
+            out = model(*inputs)
     except Exception as exc:  # the model decides what a wrong shape raises
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
         raise InputShapeError(
@@ -79,15 +124,26 @@ def check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...],
             f"{type(exc).__name__}: {exc}. {hint + ' ' if hint else ''}The input shape includes "
             "the batch dimension, e.g. (1, channels, height, width)."
         ) from exc
+    output_spec(out)  # an unsupported output structure is a clear error, not a shape error
+    return torch_outputs(model, [t.numpy() for t in inputs])
 
 
 def verification_samples(
-    inputs: tuple[torch.Tensor, ...], extra_inputs: Sequence[Inputs] | None, seed: int = 0
+    inputs: tuple[torch.Tensor, ...], extra_inputs: Sequence[Inputs] | None
 ) -> list[list[np.ndarray]]:
-    """The example input, a seeded random sample of the same shape, and any real batches."""
-    gen = torch.Generator().manual_seed(seed)
+    """The example input, two seeded random samples of its shape, and any real batches.
+
+    The random samples are redrawn should one equal the example (an example made with the same
+    generator and seed): a second sample identical to the first checks nothing.
+    """
     samples = [[t.numpy() for t in inputs]]
-    samples.append([torch.randn(t.shape, generator=gen).numpy() for t in inputs])
+    seed = _SAMPLE_SEEDS[0]
+    while len(samples) < 1 + len(_SAMPLE_SEEDS):
+        gen = torch.Generator().manual_seed(seed)
+        draw = [torch.randn(t.shape, generator=gen).numpy() for t in inputs]
+        if not any(all(np.array_equal(a, b) for a, b in zip(draw, s)) for s in samples):
+            samples.append(draw)
+        seed += 1
     for extra in extra_inputs or ():
         batch = as_input_tuple(extra)
         if [tuple(t.shape) for t in batch] != [tuple(t.shape) for t in inputs]:
@@ -115,32 +171,47 @@ def _legal_model(model: nn.Module, profile: TargetProfile, inputs: tuple[torch.T
     return result.module, rewrites
 
 
-def _staging_dir(out_dir: Path) -> Path:
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    except OSError as exc:
-        raise OutputDirectoryError(
-            f"cannot create the artifact directory {out_dir}: {exc}. Pass a writable directory "
-            "(DeployCallback(dirpath=...) or --out)."
-        ) from exc
+def _check_reference(exported: list[np.ndarray], reference: list[np.ndarray],
+                     tolerance: float) -> None:
+    """Refuse to start when the exported module is not the trained function.
+
+    Every artifact would fail verification anyway; saying so before any file is written,
+    with the shapes and the error, tells the user which module to export instead.
+    """
+    shapes = [list(a.shape) for a in exported]
+    ref_shapes = [list(a.shape) for a in reference]
+    if shapes != ref_shapes:
+        raise ModuleMismatchError(
+            f"the module being exported returns outputs of shapes {shapes}, but the trained "
+            f"forward returns {ref_shapes}: export the module whose forward is the trained "
+            "function (DeployCallback(module_attr=None) exports the LightningModule's forward)")
+    worst = max((normalized_error(a, r) for a, r in zip(exported, reference)), default=0.0)
+    if worst > tolerance:
+        raise ModuleMismatchError(
+            f"the module being exported differs from the trained forward on the example input "
+            f"(normalized error {worst:.3e} > {tolerance:g}): export the module whose forward "
+            "is the trained function (DeployCallback(module_attr=None) exports the "
+            "LightningModule's forward)")
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{staging.name}")
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+@dataclass
+class _Outcome:
+    """One format's result: its record (when written), rewrites, and why it failed."""
+
+    fmt: str
+    record: FormatRecord | None = None
+    legal: nn.Module | None = None
+    failure: str = ""
+    error: BaseException | None = None
+    verify_failed: bool = False
+    files: list[str] = field(default_factory=list)
 
 
 def export(
     model: nn.Module,
     example_input: Inputs,
     out_dir: str | Path,
-    formats: Sequence[str] = ("onnx",),
+    formats: str | Sequence[str] = ("onnx",),
     target: str | None = None,
     reparameterize: bool = True,
     decompose: bool = True,
@@ -148,88 +219,243 @@ def export(
     tolerance: float = DEFAULT_TOLERANCE,
     onnx_options: dict[str, Any] | None = None,
     extra_inputs: Sequence[Inputs] | None = None,
-    strict: bool = False,
+    strict: bool = True,
     metadata: dict[str, Any] | None = None,
+    reference_model: nn.Module | None = None,
 ) -> Manifest:
-    """Export ``model`` to every format in ``formats`` under ``out_dir`` and verify the files.
+    """Export ``model`` to every format in ``formats``, verify the files, land what passed.
 
     ``target`` selects a target profile for the formats that accept it (``"om"`` for Caffe);
-    other formats use their own profile. The reference outputs come from the model as given
-    (before fusion), so a fusion or decomposition error shows up as a verification failure.
-    With ``strict=True`` a failed verification raises :class:`VerificationError` after the
-    directory (and its manifest, marked failed) is in place.
+    other formats use their own profile. ``reference_model`` is the function the artifacts
+    must reproduce (default: ``model`` as given, before fusion); it must agree with ``model``
+    on the example input. Verification runs each artifact on the example input, two seeded
+    random samples and every batch in ``extra_inputs``.
+
+    Formats are independent: those that pass land at ``out_dir``; those that fail to write or
+    to verify go to ``<out_dir>.failed/`` (when they wrote files). With ``strict`` (the
+    default) a failure then raises (:class:`VerificationError` when only verification failed,
+    else the format's error), and the exception carries ``manifest`` (what landed, or None)
+    and ``failed_dir``. With ``strict=False`` the manifest of what landed is returned (or,
+    when nothing passed, the failed directory's manifest; when no file was written at all,
+    the error is raised) and ``manifest.failed_formats`` says what failed.
     """
-    formats = list(dict.fromkeys(formats))
-    if not formats:
-        raise ValueError("formats is empty: name at least one of onnx, caffe, msnhnet")
-    out_dir = Path(out_dir)
+    names = normalize_formats(formats)
+    out_dir = check_output_dir(out_dir)
+    failed_dir = failed_path(out_dir)
+    check_output_dir(failed_dir)
     inputs = as_input_tuple(example_input)
     original = deploy_copy(model)
-    check_runs(original, inputs)
+    exported_out = check_runs(original, inputs)
+    reference = original if reference_model is None else deploy_copy(reference_model)
+    if reference_model is not None:
+        _check_reference(exported_out, check_runs(reference, inputs), tolerance)
+    with torch.no_grad():
+        spec = output_spec(original(*inputs))
     samples = verification_samples(inputs, extra_inputs)
-    references = [torch_outputs(original, s) for s in samples]
+    references = [torch_outputs(reference, s) for s in samples]
 
     deploy_model = original
     if reparameterize:
         from deployplug.reparam import reparameterize as fuse
 
-        deploy_model = fuse(copy.deepcopy(original), inplace=True)
+        deploy_model = fuse(original, example_input=inputs, tolerance=tolerance)
+    if not spec.flat:
+        deploy_model = FlatOutputs(deploy_model)
+    in_names = input_names(unwrap_compiled(model), len(inputs))
 
-    profiles = {fmt: resolve_target(fmt, target) for fmt in formats}
-    staging = _staging_dir(out_dir)
+    writer = ArtifactWriter(out_dir)
     try:
-        records: dict[str, FormatRecord] = {}
-        legal_models: dict[str, nn.Module] = {}
-        for fmt, profile in profiles.items():
-            legal, rewrites = _legal_model(deploy_model, profile, inputs, decompose)
-            legal_models[fmt] = legal
-            options = (onnx_options or {}) if fmt == "onnx" else {}
-            try:
-                records[fmt] = get_exporter(fmt).write(legal, inputs, staging, profile, **options)
-            except DeployError:
-                raise
-            except Exception as exc:
-                raise ExportFailedError(fmt, f"{type(exc).__name__}: {exc}") from exc
-            records[fmt].info["decomposed"] = rewrites
-
-        save_reference(staging / REFERENCE_FILE, samples, references)
-        report = None
-        if verify:
-            report = VerifyReport(tolerance=tolerance)
-            for record in records.values():
-                compare_format(staging, record, samples, references, tolerance, "recorded",
-                               report)
-                if not report.format_passed(record.format):
-                    locate_divergence(staging, record, legal_models[record.format], samples[0],
-                                      tolerance, report)
-
-        files = [f for r in records.values() for f in r.files] + [REFERENCE_FILE]
-        manifest = Manifest(
-            dir=staging,
-            formats={fmt: r.to_dict() for fmt, r in records.items()},
-            inputs=[{"name": n, "shape": list(t.shape), "dtype": str(t.dtype)}
-                    for n, t in zip(_input_names(records, len(inputs)), inputs, strict=True)],
-            outputs=[{"index": j, "shape": list(o.shape), "dtype": str(o.dtype)}
-                     for j, o in enumerate(references[0])],
-            stages={"reparameterize": reparameterize, "decompose": decompose, "verify": verify},
-            tolerance=tolerance,
-            verification=report,
-            files=describe_files(staging, files),
-            extra=dict(metadata or {}),
-        )
-        manifest.write()
-        _move_into_place(staging, out_dir)
+        outcomes = [write_format(fmt, resolve_target(fmt, target), deploy_model, inputs,
+                               writer.staging, decompose, spec.names, not spec.flat, in_names,
+                               onnx_options)
+                    for fmt in names]
+        report = VerifyReport(tolerance=tolerance) if verify else None
+        for outcome in outcomes:
+            if report is not None and outcome.record is not None:
+                _verify_one(outcome, writer.staging, samples, references, tolerance, report)
+        landed = [o for o in outcomes if not o.failure]
+        failed = [o for o in outcomes if o.failure]
+        context = _ManifestContext(inputs, in_names, spec.names, references[0], reparameterize,
+                                   decompose, verify, tolerance, dict(metadata or {}))
+        manifest = failed_manifest = None
+        # Formats that failed before writing anything leave nothing worth a directory.
+        published_failed = failed_dir if any(o.files for o in failed) else None
+        if published_failed is not None:
+            failed_manifest = _land_failed(failed, writer.staging, failed_dir, samples,
+                                           references, report, context)
+        for outcome in failed:  # the working sub-directory of a format that wrote nothing
+            shutil.rmtree(writer.staging / f".{outcome.fmt}", ignore_errors=True)
+        if landed:
+            manifest = _land(landed, writer, samples, references, report, context,
+                             {o.fmt: o.failure for o in failed}, published_failed)
+        else:
+            writer.discard()
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        writer.discard()
         raise
-    manifest.dir = out_dir
-    if strict and report is not None and not report.passed:
-        raise VerificationError(report)
+    if failed:
+        error = _failure_error(failed, report)
+        error.manifest, error.failed_dir = manifest, published_failed
+        if strict or (manifest is None and failed_manifest is None):
+            raise error
+        return manifest if manifest is not None else failed_manifest  # type: ignore[return-value]
+    assert manifest is not None
     return manifest
 
 
-def _input_names(records: dict[str, FormatRecord], count: int) -> list[str]:
-    onnx_record = records.get("onnx")
-    if onnx_record and "input_names" in onnx_record.info:
-        return list(onnx_record.info["input_names"])
-    return ["input"] if count == 1 else [f"input{i}" for i in range(count)]
+def write_format(fmt: str, profile: TargetProfile, deploy_model: nn.Module,
+               inputs: tuple[torch.Tensor, ...], staging: Path, decompose: bool,
+               output_names: Sequence[str], keyed: bool, in_names: Sequence[str],
+               onnx_options: dict[str, Any] | None) -> _Outcome:
+    """Decompose for the format's target and write its files into their own sub-directory.
+
+    ONNX inputs and outputs always carry the model's names; Caffe output blobs are renamed
+    only for ``keyed`` outputs (dicts, nesting), since otherwise the module path that produced
+    a blob is the more useful name.
+    """
+    outcome = _Outcome(fmt)
+    directory = staging / f".{fmt}"
+    directory.mkdir()
+    try:
+        legal, rewrites = _legal_model(deploy_model, profile, inputs, decompose)
+        outcome.legal = legal
+        options: dict[str, Any] = {}
+        if fmt == "onnx":
+            options = {**(onnx_options or {}), "output_names": list(output_names),
+                       "input_names": list(in_names)}
+        elif fmt == "caffe" and keyed:
+            options = {"output_names": list(output_names)}
+        try:
+            record = get_exporter(fmt).write(legal, inputs, directory, profile, **options)
+        except DeployError:
+            raise
+        except Exception as exc:
+            raise ExportFailedError(fmt, f"{type(exc).__name__}: {exc}") from exc
+        record.info["decomposed"] = rewrites
+        outcome.record = record
+        outcome.files = list(record.files)
+    except DeployError as exc:
+        outcome.failure = f"{type(exc).__name__}: {exc}"
+        outcome.error = exc
+    return outcome
+
+
+def _verify_one(outcome: _Outcome, staging: Path, samples: list[list[np.ndarray]],
+                references: list[list[np.ndarray]], tolerance: float,
+                report: VerifyReport) -> None:
+    assert outcome.record is not None and outcome.legal is not None
+    directory = staging / f".{outcome.fmt}"
+    compare_format(directory, outcome.record, samples, references, tolerance, "recorded", report)
+    if not report.format_passed(outcome.fmt):
+        locate_divergence(directory, outcome.record, outcome.legal, samples[0], tolerance,
+                          report)
+        worst = report.max_error(outcome.fmt)
+        why = report.failures.get(outcome.fmt) or f"normalized error {worst:.3e} > {tolerance:g}"
+        outcome.failure = f"verification failed: {why}"
+        outcome.verify_failed = True
+
+
+@dataclass
+class _ManifestContext:
+    inputs: tuple[torch.Tensor, ...]
+    input_names: Sequence[str]
+    output_names: Sequence[str]
+    outputs: list[np.ndarray]
+    reparameterize: bool
+    decompose: bool
+    verify: bool
+    tolerance: float
+    metadata: dict[str, Any]
+
+    def manifest(self, directory: Path, outcomes: list[_Outcome], report: VerifyReport | None,
+                 failed_formats: dict[str, str], failed_dir: Path | None) -> Manifest:
+        records = {o.fmt: o.record.to_dict() for o in outcomes if o.record is not None}
+        files = [f for o in outcomes for f in o.files] + [REFERENCE_FILE]
+        extra = dict(self.metadata)
+        if failed_dir is not None:
+            extra["failed_dir"] = failed_dir.name
+        return Manifest(
+            dir=directory,
+            formats=records,
+            inputs=[{"name": n, "shape": list(t.shape), "dtype": _dtype_name(t)}
+                    for n, t in zip(self.input_names, self.inputs, strict=True)],
+            outputs=[{"index": j, "name": n, "shape": list(o.shape), "dtype": str(o.dtype)}
+                     for j, (n, o) in enumerate(zip(self.output_names, self.outputs,
+                                                    strict=True))],
+            stages={"reparameterize": self.reparameterize, "decompose": self.decompose,
+                    "verify": self.verify},
+            tolerance=self.tolerance,
+            verification=report,
+            files=describe_files(directory, files),
+            failed_formats=dict(failed_formats),
+            extra=extra,
+        )
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    """``float32``: the numpy spelling, the same one the outputs use."""
+    return str(t.detach().cpu().numpy().dtype)
+
+
+def _sub_report(report: VerifyReport | None, formats: set[str]) -> VerifyReport | None:
+    """The part of a verification report that concerns ``formats``."""
+    if report is None:
+        return None
+    return VerifyReport(
+        tolerance=report.tolerance,
+        comparisons=[c for c in report.comparisons if c.format in formats],
+        failures={f: w for f, w in report.failures.items() if f in formats},
+        divergence={f: w for f, w in report.divergence.items() if f in formats},
+    )
+
+
+def _gather(outcomes: list[_Outcome], staging: Path, destination: Path) -> None:
+    """Move each format's files from its sub-directory of ``staging`` into ``destination``."""
+    for outcome in outcomes:
+        source = staging / f".{outcome.fmt}"
+        for name in outcome.files:
+            (source / name).rename(destination / name)
+        shutil.rmtree(source, ignore_errors=True)
+
+
+def _land(landed: list[_Outcome], writer: ArtifactWriter, samples: list[list[np.ndarray]],
+          references: list[list[np.ndarray]], report: VerifyReport | None,
+          context: _ManifestContext, failed_formats: dict[str, str],
+          failed_dir: Path | None) -> Manifest:
+    staging = writer.staging
+    _gather(landed, staging, staging)
+    save_reference(staging / REFERENCE_FILE, samples, references)
+    manifest = context.manifest(staging, landed, _sub_report(report, {o.fmt for o in landed}),
+                                failed_formats, failed_dir)
+    manifest.write()
+    manifest.dir = writer.publish()
+    return manifest
+
+
+def _land_failed(failed: list[_Outcome], staging: Path, failed_dir: Path,
+                 samples: list[list[np.ndarray]], references: list[list[np.ndarray]],
+                 report: VerifyReport | None, context: _ManifestContext) -> Manifest:
+    """Publish the failed formats' files, reference data and manifest for debugging."""
+    side = ArtifactWriter(failed_dir)
+    try:
+        _gather(failed, staging, side.staging)
+        save_reference(side.staging / REFERENCE_FILE, samples, references)
+        manifest = context.manifest(side.staging, failed,
+                                    _sub_report(report, {o.fmt for o in failed}),
+                                    {o.fmt: o.failure for o in failed}, None)
+        manifest.write()
+        manifest.dir = side.publish()
+    except BaseException:
+        side.discard()
+        raise
+    return manifest
+
+
+def _failure_error(failed: list[_Outcome], report: VerifyReport | None) -> DeployError:
+    """The exception an export with failed formats raises."""
+    if all(o.verify_failed for o in failed) and report is not None:
+        return VerificationError(_sub_report(report, {o.fmt for o in failed}))
+    if len(failed) == 1 and isinstance(failed[0].error, DeployError):
+        return failed[0].error
+    lines = "; ".join(f"[{o.fmt}] {o.failure}" for o in failed)
+    return ExportFailedError(",".join(o.fmt for o in failed), lines)

@@ -7,14 +7,16 @@ replaced, and an op reported "unsupported" is one ``decompose`` would refuse.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from deployplug.errors import CaptureError, OffendingOp, UnsupportedOpError
+from deployplug.errors import DeployError, OffendingOp, UnsupportedOpError
 from deployplug.profiles import TargetProfile, get_target
 
 NATIVE, DECOMPOSED, UNSUPPORTED = "native", "decomposed", "unsupported"
@@ -94,18 +96,29 @@ def check(
     model: nn.Module,
     example_input: torch.Tensor | Sequence[torch.Tensor],
     target: str | TargetProfile,
+    reparameterize: bool = True,
+    onnx_options: dict[str, Any] | None = None,
 ) -> CompatReport:
-    """Which ops of ``model`` run natively on ``target``, which a rule rewrites, which fail."""
+    """Which ops of ``model`` run natively on ``target``, which a rule rewrites, which fail.
+
+    Runs every step :func:`deployplug.export` runs before verification, on copies and in a
+    temporary directory: the input check, fusion (with its self-check), the decomposition
+    pass and the format's writer itself (the ONNX exporter with ``onnx_options``, the Caffe
+    lowering and its om checks, the MsnhNet writer with its input/output limits). So ``check``
+    passes exactly when ``export`` would write the files.
+    """
     from deployplug.capture import capture
     from deployplug.decompositions.apply import cpu_eval_copy, run_decompose
     from deployplug.decompositions.registry import why_not
+    from deployplug.io_spec import input_names, unwrap_compiled
 
     profile = get_target(target)
     report = CompatReport(target=profile.name)
     try:
-        result = run_decompose(model, profile, example_input)
-        graph = result.original or capture(cpu_eval_copy(model), example_input)
-    except CaptureError as exc:
+        work, inputs, spec = _deploy_form(model, example_input, reparameterize)
+        result = run_decompose(work, profile, inputs)
+        graph = result.original or capture(cpu_eval_copy(work), inputs)
+    except DeployError as exc:
         report.error = str(exc)
         return report
 
@@ -132,4 +145,50 @@ def check(
             report.rows.append(CompatRow(off.op, off.module_path, UNSUPPORTED,
                                          f"{off.reason}; " + "; ".join(off.suggestions)))
     report.offenders = list(result.offenders)
+    if report.passed:
+        report.error = _trial_write(result.module, inputs, profile, spec,
+                                    input_names(unwrap_compiled(model), len(inputs)),
+                                    onnx_options)
     return report
+
+
+def _deploy_form(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor],
+                 reparameterize: bool) -> tuple[nn.Module, tuple[torch.Tensor, ...], Any]:
+    """The model exactly as :func:`deployplug.export` hands it to the decomposition pass."""
+    from deployplug.io_spec import FlatOutputs, output_spec
+    from deployplug.pipeline import as_input_tuple, check_runs, deploy_copy
+
+    inputs = as_input_tuple(example_input)
+    work = deploy_copy(model)
+    check_runs(work, inputs)
+    with torch.no_grad():
+        spec = output_spec(work(*inputs))
+    if reparameterize:
+        from deployplug.reparam import reparameterize as fuse
+
+        work = fuse(work, example_input=inputs)
+    if not spec.flat:
+        work = FlatOutputs(work)
+    return work, inputs, spec
+
+
+def format_for_target(profile: TargetProfile) -> str:
+    """The artifact format whose files a target profile describes."""
+    from deployplug.exporters import formats, get_exporter
+
+    for fmt in formats():
+        if profile.name in get_exporter(fmt).accepted_targets:
+            return fmt
+    raise ValueError(f"no format writes files for target {profile.name!r}")
+
+
+def _trial_write(legal: nn.Module, inputs: tuple[torch.Tensor, ...], profile: TargetProfile,
+                 spec: Any, in_names: list[str], onnx_options: dict[str, Any] | None) -> str:
+    """Run the format's writer into a throw-away directory; the refusal text, or ``""``."""
+    from deployplug.pipeline import write_format
+
+    with tempfile.TemporaryDirectory(prefix="deployplug-check-") as tmp:
+        outcome = write_format(format_for_target(profile), profile, legal, inputs, Path(tmp),
+                             False, spec.names, not spec.flat, in_names, onnx_options)
+    return f"the {outcome.fmt} writer refuses the model: {outcome.failure}" \
+        if outcome.failure else ""

@@ -8,7 +8,8 @@ new ones (random, or real batches the caller passes).
 
 from __future__ import annotations
 
-import json
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deployplug.errors import ArtifactFormatError, VerificationError
+from deployplug.errors import ArtifactFormatError, IntegrityError, VerificationError
 from deployplug.exporters import get_exporter
 from deployplug.exporters.base import FormatRecord
 from deployplug.testing import normalized_error
@@ -52,10 +53,14 @@ class VerifyReport:
     comparisons: list[Comparison] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # format -> why it could not run
     divergence: dict[str, str] = field(default_factory=dict)  # format -> first diverging layer
+    #: how the directory departs from its manifest; non-empty means no artifact was run
+    integrity: list[str] = field(default_factory=list)
+    #: the tolerance the manifest recorded at export time (reported, never applied)
+    recorded_tolerance: float | None = None
 
     @property
     def passed(self) -> bool:
-        return not self.failures and bool(self.comparisons) and all(
+        return not self.integrity and not self.failures and bool(self.comparisons) and all(
             c.passed for c in self.comparisons
         )
 
@@ -83,21 +88,41 @@ class VerifyReport:
             "comparisons": [asdict(c) for c in self.comparisons],
             "failures": dict(self.failures),
             "divergence": dict(self.divergence),
+            "integrity": list(self.integrity),
+            **({} if self.recorded_tolerance is None
+               else {"recorded_tolerance": self.recorded_tolerance}),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VerifyReport:
+        """Rebuild a stored report; malformed data raises ``TypeError`` / ``ValueError``."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a report must be an object, got {type(data).__name__}")
+        comparisons = data.get("comparisons", [])
+        if not isinstance(comparisons, list) or not all(isinstance(c, dict)
+                                                        for c in comparisons):
+            raise TypeError("'comparisons' must be a list of objects")
+        recorded = data.get("recorded_tolerance")
         return cls(
-            tolerance=data["tolerance"],
-            comparisons=[Comparison(**c) for c in data.get("comparisons", [])],
-            failures=dict(data.get("failures", {})),
-            divergence=dict(data.get("divergence", {})),
+            tolerance=float(data["tolerance"]),
+            comparisons=[Comparison(**c) for c in comparisons],
+            failures={str(k): str(v) for k, v in dict(data.get("failures", {})).items()},
+            divergence={str(k): str(v) for k, v in dict(data.get("divergence", {})).items()},
+            integrity=[str(x) for x in list(data.get("integrity", []))],
+            recorded_tolerance=None if recorded is None else float(recorded),
         )
 
     def __str__(self) -> str:
         header = f"{'format':<10}{'source':<10}{'sample':>7}{'output':>7}  {'shape':<20}"
         header += f"{'max abs':>12}{'normalized':>13}  verdict"
-        lines = [f"verification (normalized tolerance {self.tolerance:g})", header]
+        title = f"verification (normalized tolerance {self.tolerance:g}"
+        if self.recorded_tolerance is not None and self.recorded_tolerance != self.tolerance:
+            title += f"; the manifest recorded {self.recorded_tolerance:g}, not used"
+        lines = [title + ")"]
+        if self.integrity:
+            lines.append("integrity FAILED, no artifact was run:")
+            lines += [f"  {problem}" for problem in self.integrity]
+        lines.append(header)
         for c in self.comparisons:
             lines.append(
                 f"{c.format:<10}{c.source:<10}{c.sample:>7}{c.output:>7}  {str(c.shape):<20}"
@@ -118,35 +143,44 @@ def _json_float(x: float) -> float | None:
 # ----------------------------------------------------------------------------- reference file
 def save_reference(path: Path, samples: Sequence[Sequence[np.ndarray]],
                    outputs: Sequence[Sequence[np.ndarray]]) -> None:
-    """Store input samples and PyTorch's outputs as ``s{k}_in{i}`` / ``s{k}_out{j}`` arrays."""
+    """Store input samples and PyTorch's outputs as ``s{k}_in{i}`` / ``s{k}_out{j}`` arrays.
+
+    Only plain numeric arrays are written, since only those are read back
+    (:mod:`deployplug.reference_file` refuses pickled objects).
+    """
     arrays: dict[str, np.ndarray] = {}
     for k, (ins, outs) in enumerate(zip(samples, outputs, strict=True)):
-        arrays.update({f"s{k}_in{i}": a for i, a in enumerate(ins)})
-        arrays.update({f"s{k}_out{j}": a for j, a in enumerate(outs)})
+        arrays.update({f"s{k}_in{i}": np.asarray(a) for i, a in enumerate(ins)})
+        arrays.update({f"s{k}_out{j}": np.asarray(a) for j, a in enumerate(outs)})
+    for key, array in arrays.items():
+        if array.dtype.kind not in "biuf" or array.dtype.fields is not None:
+            raise ValueError(f"reference array {key} has dtype {array.dtype}; only numeric "
+                             "tensors can be stored")
     np.savez(path, **arrays)
 
 
-def load_reference(path: Path) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
-    if not path.is_file():
+def load_reference(path: Path, inputs: Sequence[dict[str, Any]] | None = None,
+                   outputs: Sequence[dict[str, Any]] | None = None
+                   ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """``(samples, outputs)`` from ``reference.npz``, read as untrusted input.
+
+    ``inputs`` / ``outputs`` are the manifest's tensor records: they fix how many arrays each
+    sample has and the shape and dtype of each (see :mod:`deployplug.reference_file`).
+    """
+    from deployplug.reference_file import read_reference
+
+    if not os.path.lexists(path):
         raise ArtifactFormatError(f"{path} is missing: the directory cannot be re-verified")
-    with np.load(path) as data:
-        keys = list(data.keys())
-        count = 1 + max(int(k[1:].split("_")[0]) for k in keys)
-        samples, outputs = [], []
-        for k in range(count):
-            n_in = sum(1 for key in keys if key.startswith(f"s{k}_in"))
-            n_out = sum(1 for key in keys if key.startswith(f"s{k}_out"))
-            samples.append([data[f"s{k}_in{i}"] for i in range(n_in)])
-            outputs.append([data[f"s{k}_out{j}"] for j in range(n_out)])
-    return samples, outputs
+    return read_reference(Path(path), inputs, outputs)
 
 
 def torch_outputs(model: nn.Module, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Run ``model`` (eval, CPU) on numpy inputs; flatten tuple outputs."""
+    """Run ``model`` (eval, CPU) on numpy inputs; every output leaf, in :mod:`.io_spec` order."""
+    from deployplug.io_spec import flatten_outputs
+
     with torch.no_grad():
         out = model(*[torch.from_numpy(np.ascontiguousarray(a)) for a in inputs])
-    items = out if isinstance(out, (tuple, list)) else (out,)
-    return [t.detach().cpu().numpy() for t in items]
+    return [t.detach().cpu().numpy() for t in flatten_outputs(out)]
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -206,23 +240,74 @@ def verify(
     inputs: Sequence[torch.Tensor | np.ndarray] | torch.Tensor | None = None,
     tolerance: float | None = None,
     raise_on_failure: bool = False,
+    max_bytes: int | None = None,
 ) -> VerifyReport:
-    """Re-check an artifact directory.
+    """Re-check an artifact directory: integrity first, then numbers.
 
-    Always compares every artifact with the recorded PyTorch outputs. With ``model``, also
-    compares against fresh PyTorch outputs on the recorded inputs and on ``inputs`` (one
-    batch, or a list of input tensors for a multi-input model); without ``inputs`` one new
-    random sample of the recorded shapes is drawn.
+    First the directory is checked against its manifest (plain names, regular files, recorded
+    sizes and sha256, every used file listed); any difference fails the report
+    (``report.integrity``) and no artifact is run. Then every artifact is compared with the
+    recorded PyTorch outputs. With ``model``, also against fresh PyTorch outputs on the
+    recorded inputs and on ``inputs`` (one batch, or a list of input tensors for a multi-input
+    model); without ``inputs`` one new random sample of the recorded shapes is drawn.
+
+    ``tolerance`` is the caller's (default :data:`DEFAULT_TOLERANCE`): the value stored in the
+    manifest is only reported, since a file must not decide how strictly it is checked.
+    ``max_bytes`` caps the tensor bytes the readers may allocate (default 2 GiB, or
+    ``DEPLOYPLUG_MAX_TENSOR_BYTES``; see :mod:`deployplug.limits`). With ``raise_on_failure``
+    an integrity failure raises :class:`IntegrityError` and a numeric one
+    :class:`VerificationError`. Damaged or hostile files raise :class:`ArtifactFormatError`
+    (or are recorded as a format that failed to run), never an untyped exception.
     """
+    from deployplug.integrity import check_directory, vouching
+    from deployplug.limits import Limits, using
     from deployplug.manifest import Manifest, load_manifest
+    from deployplug.manifest_schema import validate
 
-    manifest = (out_dir_or_manifest if isinstance(out_dir_or_manifest, Manifest)
-                else load_manifest(Path(out_dir_or_manifest)))
-    out_dir = manifest.dir
-    tol = tolerance if tolerance is not None else manifest.tolerance
-    samples, references = load_reference(out_dir / REFERENCE_FILE)
-    report = VerifyReport(tolerance=tol)
-    records = [FormatRecord.from_dict(r) for r in manifest.formats.values()]
+    tol = _caller_tolerance(tolerance)
+    with using(Limits.resolve(max_bytes)):
+        if isinstance(out_dir_or_manifest, Manifest):
+            manifest = out_dir_or_manifest
+            validate(manifest.to_dict(), f"manifest of {manifest.dir}")
+        else:
+            manifest = load_manifest(Path(out_dir_or_manifest))
+        out_dir = manifest.dir
+        report = VerifyReport(tolerance=tol, recorded_tolerance=float(manifest.tolerance))
+        records = [FormatRecord.from_dict(r) for r in manifest.formats.values()]
+        used = [name for record in records for name in record.files] + [REFERENCE_FILE]
+        report.integrity = check_directory(out_dir, manifest.files, used)
+        if report.integrity:
+            if raise_on_failure:
+                error = IntegrityError(
+                    f"{out_dir} does not match its manifest, so nothing was run: "
+                    + "; ".join(report.integrity)
+                    + ". Re-export, or restore the files the manifest records.")
+                error.report = report  # type: ignore[attr-defined]
+                raise error
+            return report
+        with vouching(entry["name"] for entry in manifest.files):
+            _compare_all(out_dir, manifest, records, model, inputs, tol, report)
+    if raise_on_failure and not report.passed:
+        raise VerificationError(report)
+    return report
+
+
+def _caller_tolerance(tolerance: float | None) -> float:
+    if tolerance is None:
+        return DEFAULT_TOLERANCE
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.floating)):
+        raise ValueError(f"tolerance must be a number, got {type(tolerance).__name__}")
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(f"tolerance must be finite and >= 0, got {tolerance}")
+    return float(tolerance)
+
+
+def _compare_all(out_dir: Path, manifest: Manifest, records: list[FormatRecord],
+                 model: nn.Module | None, inputs: Any, tol: float,
+                 report: VerifyReport) -> None:
+    """The numeric part of :func:`verify`, run only on a directory that passed integrity."""
+    samples, references = load_reference(out_dir / REFERENCE_FILE, manifest.inputs,
+                                         manifest.outputs)
     for record in records:
         compare_format(out_dir, record, samples, references, tol, "recorded", report)
     if model is not None:
@@ -233,9 +318,6 @@ def verify(
             compare_format(out_dir, record, fresh, expected, tol, "model", report)
             if not report.format_passed(record.format):
                 locate_divergence(out_dir, record, model, fresh[0], tol, report)
-    if raise_on_failure and not report.passed:
-        raise VerificationError(report)
-    return report
 
 
 def _as_sample(inputs: Any, like: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -253,6 +335,14 @@ def _cpu_eval_copy(model: nn.Module) -> nn.Module:
 
 
 def report_from_manifest_file(path: Path) -> VerifyReport:
-    """The verification stored in a manifest, as a report object."""
-    data = json.loads(Path(path).read_text())
-    return VerifyReport.from_dict(data["verification"])
+    """The verification stored in a manifest, as a report object (the file is untrusted)."""
+    from deployplug.manifest_schema import read_manifest_json
+
+    data = read_manifest_json(Path(path))
+    if data.get("verification") is None:
+        raise ArtifactFormatError(f"{Path(path).name}: no verification was recorded")
+    try:
+        return VerifyReport.from_dict(data["verification"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactFormatError(f"{Path(path).name}: field 'verification' is malformed: "
+                                  f"{type(exc).__name__}: {exc}") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -12,8 +11,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from callback_harness import logged_metrics, make_trainer, run_dir
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 import deployplug.pipeline
@@ -24,6 +23,7 @@ from deployplug.errors import (
     ExportFailedError,
     InputShapeError,
     OutputDirectoryError,
+    ReparameterizationError,
     UnsupportedOpError,
     VerificationError,
 )
@@ -84,29 +84,6 @@ def no_stats_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False),
                          nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
-
-
-def make_trainer(root: Path, callbacks: list, max_epochs: int = 1,
-                 checkpoint: ModelCheckpoint | None = None, **kwargs) -> pl.Trainer:
-    checkpoint = checkpoint or ModelCheckpoint(monitor="val/loss", save_last=True)
-    return pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=max_epochs, default_root_dir=root,
-        logger=CSVLogger(root, name="logs"), callbacks=[*callbacks, checkpoint],
-        enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2,
-        limit_val_batches=1, num_sanity_val_steps=0, **kwargs)
-
-
-def run_dir(root: Path) -> Path:
-    return root / "logs" / "version_0"
-
-
-def logged_metrics(root: Path) -> dict[str, float]:
-    """Last non-empty value of every column of the CSV logger's metrics file."""
-    out: dict[str, float] = {}
-    with open(run_dir(root) / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            out.update({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return out
 
 
 def assert_checkpoint_loads(root: Path, factory=tiny_module) -> list[Path]:
@@ -317,8 +294,10 @@ FAILURES = {
     "wrong_input_shape": (tiny_module, {"input_shape": [1, 2, SIZE, SIZE]}, False,
                           InputShapeError, r"\(1, 2, 16, 16\)"),
     "exporter_crash": (tiny_module, {}, True, ExportFailedError, "crashed on purpose"),
-    "failed_verification": (tiny_module, {"tolerance": 1e-30}, False, VerificationError,
-                            "verification failed"),
+    "failed_verification": (tiny_module, {"tolerance": 1e-30, "reparameterize": False}, False,
+                            VerificationError, "verification failed"),
+    "fusion_self_check": (tiny_module, {"tolerance": 1e-30}, False, ReparameterizationError,
+                          "reparameterize=False"),
 }
 
 
@@ -337,31 +316,34 @@ def test_export_failures_keep_training_results(tmp_path, monkeypatch, name, fail
         with pytest.raises(error, match=message):
             trainer.fit(factory(), tiny_data())
     else:
-        with pytest.warns(UserWarning, match=message):
+        with pytest.warns(UserWarning, match=message) as record:
             trainer.fit(factory(), tiny_data())
+        if name == "failed_verification":  # the warning says where the failed files are
+            assert any("final.failed" in str(w.message) for w in record)
     assert trainer.global_step == 2  # training finished either way
     assert_checkpoint_loads(tmp_path, factory)
-    manifest = run_dir(tmp_path) / "deploy" / "final" / "manifest.json"
-    if name == "failed_verification":  # the artifacts exist and say they failed
-        assert json.loads(manifest.read_text())["passed"] is False
+    final = run_dir(tmp_path) / "deploy" / "final"
+    assert not (final / "manifest.json").exists()  # only verified artifacts land
+    failed = final.with_name("final.failed") / "manifest.json"
+    if name == "failed_verification":  # the failed files are kept apart, marked failed
+        assert json.loads(failed.read_text())["passed"] is False
+        assert callback.exports["final"]["failed_dir"] == str(failed.parent)
+        assert callback.exports["final"]["passed"] is False
     else:
-        assert not manifest.exists()
+        assert not failed.exists()
 
 
 @pytest.mark.parametrize("fail_on_error", [False, True])
-def test_unwritable_dirpath_is_named(tmp_path, fail_on_error):
+def test_unwritable_dirpath_stops_the_fit_before_training(tmp_path, fail_on_error):
     blocker = tmp_path / "not_a_directory"
     blocker.write_text("a file where the artifact folder's parent should be")
     callback = DeployCallback(dirpath=str(blocker / "deploy"), fail_on_error=fail_on_error,
                               preflight="off")
     trainer = make_trainer(tmp_path, [callback])
-    if fail_on_error:
-        with pytest.raises(OutputDirectoryError, match="not_a_directory"):
-            trainer.fit(tiny_module(), tiny_data())
-    else:
-        with pytest.warns(UserWarning, match="OutputDirectoryError"):
-            trainer.fit(tiny_module(), tiny_data())
-    assert_checkpoint_loads(tmp_path)
+    with pytest.raises(OutputDirectoryError, match="not_a_directory"):
+        trainer.fit(tiny_module(), tiny_data())
+    assert trainer.global_step == 0  # refused before any training could be lost
+    assert blocker.read_text().startswith("a file")
 
 
 # --------------------------------------------------------------------------- units

@@ -178,3 +178,111 @@ def test_help_lists_every_command(capsys):
     for command in ("fit", "export", "verify", "check"):
         assert command in text
     assert main([]) == 2
+
+
+# --------------------------------------------------------------------------- safety
+
+class WritesMarker:
+    """Unpickling this object creates a file: proof that loading ran code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_export_refuses_a_code_running_checkpoint(fitted, tmp_path, capsys):
+    config, ckpt = fitted
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["payload"] = WritesMarker(str(marker))
+    torch.save(state, evil)
+    capsys.readouterr()
+    for extra in ([], ["--config", str(config)]):
+        out = tmp_path / f"out{len(extra)}"
+        assert main(["export", "--checkpoint", str(evil), "--out", str(out), *extra]) == 2
+        line = one_line(capsys.readouterr().err)
+        assert "CheckpointLoadError" in line and str(evil) in line
+        assert "--trust-checkpoint" in line
+        assert not marker.exists() and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["truncated", "no_state_dict", "wrong_keys"])
+def test_export_of_a_malformed_checkpoint_exits_2(fitted, tmp_path, capsys, case):
+    config, ckpt = fitted
+    bad = tmp_path / "bad.ckpt"
+    if case == "truncated":
+        bad.write_bytes(ckpt.read_bytes()[:2000])
+    elif case == "no_state_dict":
+        torch.save({"epoch": 1}, bad)
+    else:
+        torch.save({"state_dict": {"net.nothing": torch.ones(1)}}, bad)
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(bad), "--config", str(config),
+                 "--out", str(tmp_path / "x")]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "CheckpointLoadError" in line and "bad.ckpt" in line
+
+
+def test_export_into_a_foreign_directory_is_refused_before_loading(fitted, tmp_path, capsys):
+    _, ckpt = fitted
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "notes.txt").write_text("not deployplug's")
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": WritesMarker(str(marker))}, evil)
+    capsys.readouterr()
+    # Even a trusted (code-running) checkpoint is never opened: the destination is refused first.
+    assert main(["export", "--checkpoint", str(evil), "--out", str(out),
+                 "--trust-checkpoint"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "OutputDirectoryError" in line and "notes.txt" in line
+    assert not marker.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "not deployplug's"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+
+
+def test_export_options_and_recorded_provenance(fitted, tmp_path):
+    import hashlib
+
+    config, ckpt = fitted
+    out = tmp_path / "plain"
+    assert main(["export", "--checkpoint", str(ckpt), "--config", str(config), "--out", str(out),
+                 "--no-reparameterize", "--module-attr", ""]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["reparameterize"] is False
+    extra = manifest["extra"]
+    assert extra["exported_module"] == "ClassifierModule.forward"
+    assert extra["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert (extra["epoch"], extra["global_step"]) == (saved["epoch"], saved["global_step"])
+    assert verify(out, model=trained_net(ckpt)).passed
+
+    trusted = tmp_path / "trusted"
+    with pytest.warns(UserWarning, match="full unpickling"):
+        assert main(["export", "--checkpoint", str(ckpt), "--out", str(trusted),
+                     "--trust-checkpoint"]) == 0
+    assert json.loads((trusted / "manifest.json").read_text())["extra"]["exported_module"] == \
+        "net"
+
+
+def test_check_reports_the_exported_module(tmp_path, capsys):
+    config = write_config(tmp_path)
+    assert main(["check", "--config", str(config), "--no-reparameterize"]) == 0
+    assert "exported module: net" in capsys.readouterr().out
+    assert main(["check", "--config", str(config), "--module-attr", "net.stage0"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "ModuleMismatchError" in line and "--accept-submodule-mismatch" in line
+    assert main(["check", "--config", str(config), "--module-attr", "net.stage0",
+                 "--accept-submodule-mismatch"]) == 0
+    assert "exported module: net.stage0" in capsys.readouterr().out

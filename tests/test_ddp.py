@@ -68,3 +68,62 @@ def test_ddp_fit_with_best_checkpoint_exports_does_not_hang(tmp_path):
     summary = json.loads(next(line for line in proc.stdout.splitlines()
                               if line.startswith("DDP_SMOKE ")).split(" ", 1)[1])
     assert set(summary["exports"]) == set(tags)
+
+
+SLOW_EXPORT_SCRIPT = '''
+import json, sys, time
+from datetime import timedelta
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import DDPStrategy
+
+from deployplug.callback import DeployCallback
+from deployplug.data import SyntheticDataModule
+from deployplug.lit import ClassifierModule
+
+
+class SlowExport(DeployCallback):
+    """An export that outlasts the training process group's timeout."""
+
+    def _export(self, *args, **kwargs):
+        time.sleep(float(sys.argv[2]))
+        return super()._export(*args, **kwargs)
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    module = ClassifierModule(model="repvgg_tiny", num_classes=10, in_channels=1,
+                              input_size=16, model_kwargs={"width": 4})
+    data = SyntheticDataModule(num_samples=32, val_samples=16, num_classes=10, in_channels=1,
+                               image_size=16, batch_size=8)
+    callback = SlowExport(formats=["onnx"], fail_on_error=True, preflight="off")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, max_epochs=1, default_root_dir=out,
+                         strategy=DDPStrategy(timeout=timedelta(seconds=float(sys.argv[3]))),
+                         callbacks=[callback], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, data)
+    print("SLOW_EXPORT " + json.dumps({"rank": trainer.global_rank,
+                                       "exports": sorted(callback.exports)}), flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_ddp_survives_an_export_longer_than_the_process_group_timeout(tmp_path):
+    script = tmp_path / "slow_export.py"
+    script.write_text(SLOW_EXPORT_SCRIPT)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # export 40 s, process-group timeout 30 s
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), "40", "30"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+               if line.startswith("SLOW_EXPORT ")]
+    assert sorted(r["rank"] for r in reports) == [0, 1]  # both ranks finished the fit
+    manifests = sorted((tmp_path / "run").rglob("manifest.json"))
+    assert len(manifests) == 1 and manifests[0].parent.name == "final"
+    assert verify(manifests[0].parent).passed

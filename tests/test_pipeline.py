@@ -65,7 +65,7 @@ def test_manifest_records_files_shapes_versions_and_verification(exported):
     data = json.loads((manifest.dir / "manifest.json").read_text())
     assert data["passed"] is True
     assert data["stages"] == {"reparameterize": True, "decompose": True, "verify": True}
-    assert data["inputs"] == [{"name": "input", "shape": [1, 3, 13, 10], "dtype": "torch.float32"}]
+    assert data["inputs"] == [{"name": "input", "shape": [1, 3, 13, 10], "dtype": "float32"}]
     assert data["outputs"][0]["shape"] == [1, 5]
     assert data["formats"]["onnx"]["info"]["opset"] == 17
     assert data["formats"]["onnx"]["info"]["exporter"] == "torchscript"
@@ -92,7 +92,7 @@ def test_fused_graph_has_no_batchnorm_and_checker_passes(exported):
 def test_reference_npz_replays_in_onnxruntime(exported):
     net, manifest = exported
     samples, outputs = load_reference(manifest.dir / "reference.npz")
-    assert len(samples) == 2 and samples[1][0].std() > 0.5  # example + random sample
+    assert len(samples) == 3 and all(s[0].std() > 0.5 for s in samples[1:])  # example + 2 random
     session = make_session(manifest.artifact("onnx"))
     for ins, outs in zip(samples, outputs):
         got = session.run(None, {"input": ins[0]})[0]
@@ -131,6 +131,11 @@ def test_verify_detects_a_tampered_artifact(exported):
     array[0, 0, 0, 0] += 1.0
     weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
     onnx.save(proto, str(path))
+    # re-record the file's hash, so the numbers (not the integrity check) must catch it
+    data = json.loads((manifest.dir / "manifest.json").read_text())
+    entry = next(e for e in data["files"] if e["name"] == path.name)
+    entry.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    (manifest.dir / "manifest.json").write_text(json.dumps(data))
     report = dp.verify(manifest.dir)
     assert not report.passed
     assert "MISMATCH" in str(report)
@@ -146,16 +151,18 @@ def test_verify_against_a_different_model_fails(exported):
     assert not dp.verify(manifest.dir, model=other).passed
 
 
-def test_failed_verification_is_recorded_and_strict_raises(tmp_path):
-    manifest = dp.export(Drifting(), torch.randn(1, 3, 4, 4), tmp_path / "drift",
-                         reparameterize=False)
-    assert not manifest.passed
-    assert json.loads((tmp_path / "drift" / "manifest.json").read_text())["passed"] is False
-    assert load_manifest(tmp_path / "drift").passed is False
+def test_failed_verification_raises_and_lands_beside_not_at_out_dir(tmp_path):
     with pytest.raises(VerificationError):
-        dp.export(Drifting(), torch.randn(1, 3, 4, 4), tmp_path / "drift2",
-                  reparameterize=False, strict=True)
-    assert (tmp_path / "drift2" / "manifest.json").is_file()
+        dp.export(Drifting(), torch.randn(1, 3, 4, 4), tmp_path / "drift",
+                  reparameterize=False)
+    assert not (tmp_path / "drift").exists()
+    failed = tmp_path / "drift.failed"
+    assert json.loads((failed / "manifest.json").read_text())["passed"] is False
+    assert load_manifest(failed).passed is False
+    manifest = dp.export(Drifting(), torch.randn(1, 3, 4, 4), tmp_path / "drift2",
+                         reparameterize=False, strict=False)
+    assert not manifest.passed and manifest.dir == tmp_path / "drift2.failed"
+    assert not (tmp_path / "drift2").exists()
 
 
 def test_dynamo_exporter_single_file_and_dynamic_batch(tmp_path):
@@ -187,13 +194,14 @@ def test_torchscript_exporter_dynamic_batch_and_opset(tmp_path):
     assert out.shape == (4, 5)
 
 
-def test_existing_directory_is_replaced_whole(tmp_path):
+def test_a_previous_export_is_replaced_whole(tmp_path):
     out = tmp_path / "art"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    dp.export(small_net(), torch.randn(1, 3, 8, 8), out, formats=("onnx", "caffe"))
     dp.export(small_net(), torch.randn(1, 3, 8, 8), out)
-    assert not (out / "stale.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "model.onnx", "reference.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        "art"]
 
 
 def test_wrong_input_shape_is_a_clear_error(tmp_path):
@@ -243,7 +251,7 @@ def test_multiple_inputs_and_outputs(tmp_path):
     manifest = dp.export(TwoInTwoOut(), (torch.randn(1, 2, 5, 7), torch.randn(1, 2, 5, 7)),
                          tmp_path / "mio")
     assert manifest.passed
-    assert [i["name"] for i in manifest.inputs] == ["input0", "input1"]
+    assert [i["name"] for i in manifest.inputs] == ["x", "y"]
     assert len(manifest.outputs) == 2
     assert dp.verify(manifest.dir, model=TwoInTwoOut()).passed is False  # other weights
 

@@ -108,6 +108,17 @@ def test_unconvertible_op_names_op_and_module_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _rehash(directory, name):
+    """Re-record a tampered file in the manifest, so the numbers (not integrity) must catch it."""
+    from deployplug.manifest import describe_files
+
+    path = directory / "manifest.json"
+    data = json.loads(path.read_text())
+    data["files"] = [describe_files(directory, [name])[0] if e["name"] == name else e
+                     for e in data["files"]]
+    path.write_text(json.dumps(data))
+
+
 def test_caffe_mismatch_names_the_first_diverging_layer(tmp_path):
     from deployplug.exporters.caffe.writer import read_caffemodel
 
@@ -123,6 +134,7 @@ def test_caffe_mismatch_names_the_first_diverging_layer(tmp_path):
     del layer.blobs[0].data[:]
     layer.blobs[0].data.extend(data.tolist())
     path.write_bytes(proto.SerializeToString())
+    _rehash(manifest.dir, path.name)
     report = dp.verify(manifest.dir, model=net)
     assert not report.passed
     assert report.divergence.get("caffe")
@@ -168,6 +180,7 @@ def test_onnx_mismatch_names_the_first_diverging_layer(tmp_path):
     array[:, :, 1, 1] += 2.0
     weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
     onnx.save(proto, str(path))
+    _rehash(manifest.dir, path.name)
     report = dp.verify(manifest.dir, model=net)
     assert not report.passed
     # blocks 0 and 1 still agree; the first observable output of block 2 is its ReLU

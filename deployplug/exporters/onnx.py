@@ -22,10 +22,11 @@ import onnx
 import torch
 from torch import nn
 
-from deployplug.errors import ExportFailedError
+from deployplug.errors import ArtifactFormatError, ExportFailedError
 from deployplug.exporters import register_exporter
 from deployplug.exporters.base import Exporter, FormatRecord
 from deployplug.profiles import TargetProfile
+from deployplug.runtimes.onnx_model import load_checked
 
 ONNX_FILE = "model.onnx"
 
@@ -44,9 +45,16 @@ def strip_initializer_value_info(model: onnx.ModelProto) -> None:
 
 
 def _count_outputs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> int:
+    from deployplug.io_spec import flatten_outputs
+
     with torch.no_grad():
-        out = model(*example_inputs)
-    return len(out) if isinstance(out, (tuple, list)) else 1
+        return len(flatten_outputs(model(*example_inputs)))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exporter's message without the TorchScript graph dump it appends."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 class OnnxExporter(Exporter):
@@ -64,12 +72,14 @@ class OnnxExporter(Exporter):
         dynamo: bool = False,
         opset: int = 17,
         dynamic_batch: bool = False,
+        input_names: Sequence[str] | None = None,
+        output_names: Sequence[str] | None = None,
         **_: Any,
     ) -> FormatRecord:
         path = out_dir / ONNX_FILE
         inputs = tuple(example_inputs)
-        input_names = io_names("input", len(inputs))
-        output_names = io_names("output", _count_outputs(model, inputs))
+        input_names = list(input_names or io_names("input", len(inputs)))
+        output_names = list(output_names or io_names("output", _count_outputs(model, inputs)))
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
@@ -83,14 +93,14 @@ class OnnxExporter(Exporter):
                         input_names=input_names, output_names=output_names,
                         dynamic_axes=axes if dynamic_batch else None, do_constant_folding=True,
                     )
-            proto = onnx.load(str(path))
+            proto = load_checked(path)[0]
             onnx.checker.check_model(proto, full_check=True)
         except Exception as exc:
             raise ExportFailedError(
                 "onnx",
                 f"torch.onnx.export (dynamo={dynamo}, opset {opset}) failed: "
-                f"{type(exc).__name__}: {exc}. Try the other exporter (dynamo={not dynamo}) "
-                "or another opset.",
+                f"{type(exc).__name__}: {_first_line(exc)}. Try the other exporter "
+                f"(dynamo={not dynamo}) or another opset.",
             ) from exc
         written_opset = max(
             (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opset
@@ -142,7 +152,7 @@ class OnnxExporter(Exporter):
         """
         if record.info.get("exporter") != "torchscript":
             return None
-        proto = onnx.load(str(Path(out_dir) / record.files[0]))
+        proto = load_checked(Path(out_dir) / record.files[0])[0]
         scope_values = module_scope_outputs(proto)
         expected = leaf_module_outputs(model, inputs)
         wanted = [path for path in expected if path in scope_values]
@@ -205,23 +215,51 @@ def leaf_module_outputs(model: nn.Module, inputs: Sequence[np.ndarray]) -> dict[
     return outputs
 
 
-def make_session_from_bytes(model_bytes: bytes):
+def _onnxruntime():
+    """onnxruntime, imported lazily (it is heavy), with its telemetry switched off.
+
+    Called before every session deployplug creates, so no session ever starts with telemetry
+    on, whatever the process did in between.
+    """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    ort.disable_telemetry_events()
+    return ort
 
 
-def make_session(path: Path, threads: int = 0):
-    """A CPU onnxruntime session (imported lazily: onnxruntime is heavy to import)."""
-    import onnxruntime as ort
-
+def _session(ort, model: bytes | str, source: str, threads: int = 0):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error types are not part of its API
+        raise ArtifactFormatError(f"{source}: onnxruntime cannot load the model: "
+                                  f"{' '.join(str(exc).split())}") from None
+
+
+def make_session_from_bytes(model_bytes: bytes, source: str = "<in-memory ONNX model>"):
+    """A CPU session on a serialized model, checked first (external data is refused)."""
+    from deployplug.runtimes.onnx_model import check_model, parse_model
+
+    check_model(parse_model(model_bytes, source), None, source)
+    return _session(_onnxruntime(), model_bytes, source)
+
+
+def make_session(path: Path, threads: int = 0):
+    """A CPU onnxruntime session on the file at ``path``, read as untrusted input.
+
+    The file is read once (size-capped, no symlinks), its declared tensor sizes and external
+    data are checked (:mod:`deployplug.runtimes.onnx_model`), and the session is built from
+    the checked bytes; only a model with (checked) external data is opened by path.
+    """
+    from deployplug.runtimes.onnx_model import load_checked
+
+    path = Path(path)
+    _, data, external = load_checked(path)
+    model: bytes | str = str(path) if external else data
+    return _session(_onnxruntime(), model, path.name, threads)
 
 
 register_exporter(OnnxExporter())

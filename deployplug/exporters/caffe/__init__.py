@@ -95,6 +95,8 @@ class CaffeExporter(Exporter):
         graph = capture_for_export(model, example_inputs)
         check_graph(graph, target)
         net = lowering.lower(graph, dialect, target.name, options.get("name", type(model).__name__))
+        if options.get("output_names"):
+            net.name_outputs(list(options["output_names"]))
         text = writer.prototxt_text(net)
         if target.name == "om":
             parsed = text_format.Parse(text, messages("om").NetParameter())

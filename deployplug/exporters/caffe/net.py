@@ -45,6 +45,31 @@ class CaffeNet:
     #: facts runtimes need (e.g. channel counts of om Upsample layers)
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def name_outputs(self, names: list[str]) -> None:
+        """Call the output blobs after the model's outputs (dict keys), where that is safe.
+
+        Deploy code looks outputs up by blob name, so ``logits`` beats ``head.fc``. A blob is
+        left as it is when it is also an input, holds two outputs at once, or when the new
+        name is already taken by another blob: renaming must never merge two blobs.
+        """
+        if len(names) != len(self.outputs):
+            return
+        taken = {t for layer in self.layers for t in layer.tops} | {n for n, _ in self.inputs}
+        inputs = {n for n, _ in self.inputs}
+        renames: dict[str, str] = {}
+        for old, new in zip(self.outputs, names):
+            if (old == new or old in inputs or self.outputs.count(old) > 1
+                    or new in taken or new in renames.values()):
+                continue
+            renames[old] = new
+        if not renames:
+            return
+        for layer in self.layers:
+            layer.tops = [renames.get(t, t) for t in layer.tops]
+            layer.bottoms = [renames.get(b, b) for b in layer.bottoms]
+        self.outputs = [renames.get(o, o) for o in self.outputs]
+        self.value_blobs = {v: renames.get(b, b) for v, b in self.value_blobs.items()}
+
 
 Check = Callable[[Node, Graph, str], "str | None"]
 Emit = Callable[["LowerCtx", Node], None]
