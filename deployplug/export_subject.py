@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from deployplug.errors import ModuleMismatchError
-from deployplug.io_spec import flatten_outputs
+from deployplug.io_spec import flatten_outputs, strip_compiled_children
 from deployplug.testing import normalized_error
 
 Example = torch.Tensor | tuple[torch.Tensor, ...]
@@ -57,6 +57,7 @@ def lightning_copy(pl_module: nn.Module) -> nn.Module:
 
     The trainer and its datamodule are mapped to ``None`` in the copy's memo, so neither they
     nor the data and loggers they reference are copied, whichever attribute points at them.
+    ``torch.compile`` wrappers are removed from the copy (they would still call the original).
     """
     memo: dict[int, Any] = {}
     trainer = getattr(pl_module, "_trainer", None)
@@ -65,7 +66,7 @@ def lightning_copy(pl_module: nn.Module) -> nn.Module:
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None:
             memo[id(datamodule)] = None
-    clone = copy.deepcopy(pl_module, memo)
+    clone = strip_compiled_children(copy.deepcopy(pl_module, memo))
     return clone.cpu().float().eval()
 
 

@@ -132,5 +132,40 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return model
 
 
+def strip_compiled_children(model: nn.Module) -> nn.Module:
+    """Replace every ``torch.compile`` wrapper inside ``model`` by the module it wraps, in place.
+
+    A compiled child runs through dynamo, which hides the calls inside it from module hooks
+    and adds ``_orig_mod`` to every module path; the function it computes is its inner
+    module's, so the deploy copy holds that instead. Returns ``model`` (unwrapped itself too).
+    """
+    model = unwrap_compiled(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            inner = unwrap_compiled(child)
+            if inner is not child:
+                setattr(parent, name, inner)
+        _drop_compiled_forward(parent)
+    return model
+
+
+_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+
+
+def _drop_compiled_forward(module: nn.Module) -> None:
+    """Undo Lightning's compilation of a LightningModule (``trainer.fit(torch.compile(m))``).
+
+    Lightning keeps the compiled module but sets instance attributes ``forward`` (and the
+    step methods) to dynamo-wrapped functions, remembering the originals in
+    ``_compiler_ctx``. In a deep copy those wrappers still close over the *original* module,
+    so the copy would run the training model; deleting them restores the class methods.
+    """
+    if not getattr(module, "_compiler_ctx", None):
+        return
+    for name in _COMPILED_METHODS:
+        module.__dict__.pop(name, None)
+    module._compiler_ctx = None
+
+
 def as_sequence(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)

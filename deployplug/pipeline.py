@@ -37,7 +37,13 @@ from deployplug.errors import (
 )
 from deployplug.exporters import get_exporter
 from deployplug.exporters.base import FormatRecord
-from deployplug.io_spec import FlatOutputs, input_names, output_spec, unwrap_compiled
+from deployplug.io_spec import (
+    FlatOutputs,
+    input_names,
+    output_spec,
+    strip_compiled_children,
+    unwrap_compiled,
+)
 from deployplug.manifest import Manifest, describe_files
 from deployplug.outdir import ArtifactWriter, check_output_dir
 from deployplug.profiles import TargetProfile, get_target
@@ -61,13 +67,13 @@ _SAMPLE_SEEDS = (0x5EED1, 0x5EED2)
 def deploy_copy(model: nn.Module) -> nn.Module:
     """A CPU, float32, eval-mode deep copy; the original keeps its device, dtype and mode.
 
-    A ``torch.compile`` wrapper is unwrapped first: the compiled function is the module it
-    wraps, and that module is what can be captured and exported.
+    ``torch.compile`` wrappers (the model itself or any child) are replaced by the modules they
+    wrap: the compiled function is the inner module's, and that is what can be captured.
     """
     from deployplug.reparam.passes import _detached_attributes
 
     source = unwrap_compiled(model)
-    clone = copy.deepcopy(source, _detached_attributes(source))
+    clone = strip_compiled_children(copy.deepcopy(source, _detached_attributes(source)))
     return clone.cpu().float().eval()
 
 
