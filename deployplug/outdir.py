@@ -260,8 +260,16 @@ class ArtifactWriter:
         self.discard()
 
     def publish(self) -> Path:
-        """Make ``out_dir`` hold exactly the staging directory's content; return ``out_dir``."""
-        return self._publish(self.out_dir)
+        """Make ``out_dir`` hold exactly the staging directory's content; return ``out_dir``.
+
+        A process whose working directory *is* ``out_dir`` (``export(..., ".")``) would be
+        left in the swapped-out, deleted directory; it is moved into the new one.
+        """
+        inside = _is_cwd(self.out_dir)
+        published = self._publish(self.out_dir)
+        if inside:
+            os.chdir(published)
+        return published
 
     def publish_to(self, destination: str | os.PathLike[str]) -> Path:
         """Publish to a sibling of ``out_dir`` instead, under the same ownership rules."""
@@ -673,6 +681,13 @@ def _renameat2() -> Any:
     func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     func.restype = ctypes.c_int
     return func
+
+
+def _is_cwd(path: Path) -> bool:
+    try:
+        return os.path.samefile(os.getcwd(), path)
+    except OSError:
+        return False
 
 
 def _rename(src: Path, dst: Path, flags: int) -> None:

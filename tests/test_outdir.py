@@ -216,8 +216,10 @@ def test_relative_paths_dot_and_trailing_slashes(tmp_path, monkeypatch, spelling
     monkeypatch.chdir(here)
     assert check_output_dir(spelling) == here
     assert publish(spelling, "A") == here
-    monkeypatch.chdir(tmp_path)  # the old cwd was swapped out and deleted
+    # the old working directory was swapped out and deleted: the process is moved along
+    assert os.path.samefile(os.getcwd(), here) and Path("manifest.json").is_file()
     assert_is_export(here, "A", 3)
+    assert publish(spelling, "B") == here and Path("manifest.json").is_file()
     assert siblings(here) == []
 
 
