@@ -213,6 +213,34 @@ def export_program(
         ) from exc
 
 
+class CaptureCache:
+    """``torch.export`` results of one export run, keyed by the module object captured.
+
+    An export of three formats hands the same target-legal module to several stages (the
+    decomposition pass of each target, each writer); ``torch.export`` is by far the slowest
+    step, so each module is captured once. Keys are object identities, and the cache holds
+    the module too, so an id cannot be reused by another object while the cache lives. The
+    example inputs are fixed for the life of the cache.
+    """
+
+    def __init__(self, example_inputs: Sequence[torch.Tensor]):
+        self.inputs = tuple(example_inputs)
+        self._entries: dict[int, tuple[nn.Module, torch.export.ExportedProgram, Graph]] = {}
+        self.captures = 0  # how many times torch.export actually ran (for tests and benches)
+
+    def program_and_graph(self, model: nn.Module) -> tuple[torch.export.ExportedProgram, Graph]:
+        entry = self._entries.get(id(model))
+        if entry is None or entry[0] is not model:
+            program = export_program(model, self.inputs)
+            entry = (model, program, fold_constants(graph_from_program(program)))
+            self._entries[id(model)] = entry
+            self.captures += 1
+        return entry[1], entry[2]
+
+    def graph(self, model: nn.Module) -> Graph:
+        return self.program_and_graph(model)[1]
+
+
 def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor],
             fold: bool = True) -> Graph:
     """Capture ``model`` (put in eval mode by the caller) on ``example_inputs``.

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deployplug.capture import CaptureCache, Graph
 from deployplug.errors import (
     DeployError,
     ExportFailedError,
@@ -39,6 +40,8 @@ from deployplug.exporters import get_exporter
 from deployplug.exporters.base import FormatRecord
 from deployplug.io_spec import (
     FlatOutputs,
+    OutputSpec,
+    flatten_outputs,
     input_names,
     output_spec,
     strip_compiled_children,
@@ -120,6 +123,12 @@ def resolve_target(fmt: str, target: str | TargetProfile | None) -> TargetProfil
 def check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...],
                hint: str = "") -> list[np.ndarray]:
     """Run the model once; a failure here is almost always a wrong input shape."""
+    return run_once(model, inputs, hint)[0]
+
+
+def run_once(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+             hint: str = "") -> tuple[list[np.ndarray], OutputSpec]:
+    """The model's output leaves on ``inputs`` and their names, from one forward pass."""
     try:
         with torch.no_grad():
             out = model(*inputs)
@@ -130,8 +139,8 @@ def check_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...],
             f"{type(exc).__name__}: {exc}. {hint + ' ' if hint else ''}The input shape includes "
             "the batch dimension, e.g. (1, channels, height, width)."
         ) from exc
-    output_spec(out)  # an unsupported output structure is a clear error, not a shape error
-    return torch_outputs(model, [t.numpy() for t in inputs])
+    spec = output_spec(out)  # an unsupported structure is a clear error, not a shape error
+    return [t.detach().cpu().numpy() for t in flatten_outputs(out)], spec
 
 
 def verification_samples(
@@ -162,19 +171,20 @@ def verification_samples(
 
 
 def _legal_model(model: nn.Module, profile: TargetProfile, inputs: tuple[torch.Tensor, ...],
-                 decompose: bool) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """The target-legal model and the rewrites that made it so (for the manifest)."""
+                 decompose: bool, cache: CaptureCache
+                 ) -> tuple[nn.Module, list[dict[str, Any]], Graph | None]:
+    """The target-legal model, the rewrites that made it so, and its graph when captured."""
     if not decompose or profile.accepts_everything:
-        return model, []
+        return model, [], None
     from deployplug.decompositions.apply import run_decompose
     from deployplug.errors import UnsupportedOpError
 
-    result = run_decompose(model, profile, inputs)
+    result = run_decompose(model, profile, inputs, cache=cache)
     if result.offenders:
         raise UnsupportedOpError(result.offenders)
     rewrites = [{"op": a.op, "module_path": a.module_path, "rule": a.rule}
                 for a in result.applied]
-    return result.module, rewrites
+    return result.module, rewrites, result.graph
 
 
 def _check_reference(exported: list[np.ndarray], reference: list[np.ndarray],
@@ -251,29 +261,32 @@ def export(
     check_output_dir(failed_dir)
     inputs = as_input_tuple(example_input)
     original = deploy_copy(model)
-    exported_out = check_runs(original, inputs)
+    exported_out, spec = run_once(original, inputs)
     reference = original if reference_model is None else deploy_copy(reference_model)
+    reference_out = exported_out
     if reference_model is not None:
-        _check_reference(exported_out, check_runs(reference, inputs), tolerance)
-    with torch.no_grad():
-        spec = output_spec(original(*inputs))
+        reference_out = check_runs(reference, inputs)
+        _check_reference(exported_out, reference_out, tolerance)
     samples = verification_samples(inputs, extra_inputs)
-    references = [torch_outputs(reference, s) for s in samples]
+    references = [reference_out] + [torch_outputs(reference, s) for s in samples[1:]]
 
     deploy_model = original
     if reparameterize:
         from deployplug.reparam import reparameterize as fuse
 
-        deploy_model = fuse(original, example_input=inputs, tolerance=tolerance)
+        # In place: the references are taken, and the self-check keeps its own record of the
+        # unfused outputs, so the one copy made above is all the export needs.
+        deploy_model = fuse(original, inplace=True, example_input=inputs, tolerance=tolerance)
     if not spec.flat:
         deploy_model = FlatOutputs(deploy_model)
     in_names = input_names(unwrap_compiled(model), len(inputs))
 
     writer = ArtifactWriter(out_dir)
     try:
+        cache = CaptureCache(inputs)
         outcomes = [write_format(fmt, resolve_target(fmt, target), deploy_model, inputs,
-                               writer.staging, decompose, spec.names, not spec.flat, in_names,
-                               onnx_options)
+                                 writer.staging, decompose, spec.names, not spec.flat, in_names,
+                                 onnx_options, cache)
                     for fmt in names]
         report = VerifyReport(tolerance=tolerance) if verify else None
         for outcome in outcomes:
@@ -312,25 +325,31 @@ def export(
 def write_format(fmt: str, profile: TargetProfile, deploy_model: nn.Module,
                inputs: tuple[torch.Tensor, ...], staging: Path, decompose: bool,
                output_names: Sequence[str], keyed: bool, in_names: Sequence[str],
-               onnx_options: dict[str, Any] | None) -> _Outcome:
+               onnx_options: dict[str, Any] | None,
+               cache: CaptureCache | None = None) -> _Outcome:
     """Decompose for the format's target and write its files into their own sub-directory.
 
     ONNX inputs and outputs always carry the model's names; Caffe output blobs are renamed
     only for ``keyed`` outputs (dicts, nesting), since otherwise the module path that produced
-    a blob is the more useful name.
+    a blob is the more useful name. ``cache`` shares captures between formats: a module
+    captured by one target's decomposition pass is not captured again by another's, nor by
+    the writer.
     """
     outcome = _Outcome(fmt)
     directory = staging / f".{fmt}"
     directory.mkdir()
     try:
-        legal, rewrites = _legal_model(deploy_model, profile, inputs, decompose)
+        cache = cache if cache is not None else CaptureCache(inputs)
+        legal, rewrites, graph = _legal_model(deploy_model, profile, inputs, decompose, cache)
         outcome.legal = legal
         options: dict[str, Any] = {}
+        if fmt != "onnx":
+            options["graph"] = graph if graph is not None else cache.graph(legal)
         if fmt == "onnx":
             options = {**(onnx_options or {}), "output_names": list(output_names),
                        "input_names": list(in_names)}
         elif fmt == "caffe" and keyed:
-            options = {"output_names": list(output_names)}
+            options["output_names"] = list(output_names)
         try:
             record = get_exporter(fmt).write(legal, inputs, directory, profile, **options)
         except DeployError:

@@ -107,8 +107,8 @@ def check(
     lowering and its om checks, the MsnhNet writer with its input/output limits). So ``check``
     passes exactly when ``export`` would write the files.
     """
-    from deployplug.capture import capture
-    from deployplug.decompositions.apply import cpu_eval_copy, run_decompose
+    from deployplug.capture import CaptureCache
+    from deployplug.decompositions.apply import run_decompose
     from deployplug.decompositions.registry import why_not
     from deployplug.io_spec import input_names, unwrap_compiled
 
@@ -116,8 +116,9 @@ def check(
     report = CompatReport(target=profile.name)
     try:
         work, inputs, spec = _deploy_form(model, example_input, reparameterize)
-        result = run_decompose(work, profile, inputs)
-        graph = result.original or capture(cpu_eval_copy(work), inputs)
+        cache = CaptureCache(inputs)  # work is a private copy: decompose and write share it
+        result = run_decompose(work, profile, inputs, cache=cache)
+        graph = result.original or cache.graph(work)
     except DeployError as exc:
         report.error = str(exc)
         return report
@@ -148,7 +149,7 @@ def check(
     if report.passed:
         report.error = _trial_write(result.module, inputs, profile, spec,
                                     input_names(unwrap_compiled(model), len(inputs)),
-                                    onnx_options)
+                                    onnx_options, cache)
     return report
 
 
@@ -166,7 +167,7 @@ def _deploy_form(model: nn.Module, example_input: torch.Tensor | Sequence[torch.
     if reparameterize:
         from deployplug.reparam import reparameterize as fuse
 
-        work = fuse(work, example_input=inputs)
+        work = fuse(work, inplace=True, example_input=inputs)
     if not spec.flat:
         work = FlatOutputs(work)
     return work, inputs, spec
@@ -183,12 +184,14 @@ def format_for_target(profile: TargetProfile) -> str:
 
 
 def _trial_write(legal: nn.Module, inputs: tuple[torch.Tensor, ...], profile: TargetProfile,
-                 spec: Any, in_names: list[str], onnx_options: dict[str, Any] | None) -> str:
+                 spec: Any, in_names: list[str], onnx_options: dict[str, Any] | None,
+                 cache: Any) -> str:
     """Run the format's writer into a throw-away directory; the refusal text, or ``""``."""
     from deployplug.pipeline import write_format
 
     with tempfile.TemporaryDirectory(prefix="deployplug-check-") as tmp:
         outcome = write_format(format_for_target(profile), profile, legal, inputs, Path(tmp),
-                             False, spec.names, not spec.flat, in_names, onnx_options)
+                               False, spec.names, not spec.flat, in_names, onnx_options,
+                               cache)
     return f"the {outcome.fmt} writer refuses the model: {outcome.failure}" \
         if outcome.failure else ""

@@ -196,8 +196,8 @@ def compare_format(
     """Run one format on every sample and append the comparisons (or the failure) to ``report``."""
     exporter = get_exporter(record.format)
     try:
-        for k, (ins, refs) in enumerate(zip(samples, references, strict=True)):
-            outs = exporter.run(out_dir, record, ins)
+        all_outs = exporter.run_samples(out_dir, record, samples)
+        for k, (outs, refs) in enumerate(zip(all_outs, references, strict=True)):
             if len(outs) != len(refs):
                 raise ArtifactFormatError(
                     f"{len(outs)} outputs from the runtime, PyTorch has {len(refs)}"

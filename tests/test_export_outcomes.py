@@ -91,12 +91,12 @@ def _sabotage_onnx_verification(monkeypatch: pytest.MonkeyPatch) -> None:
     from deployplug.exporters import get_exporter
 
     exporter = get_exporter("onnx")
-    real_run = type(exporter).run
+    real_run = type(exporter).run_samples
 
-    def wrong(self, out_dir, record, inputs):
-        return [o + 1.0 for o in real_run(self, out_dir, record, inputs)]
+    def wrong(self, out_dir, record, samples):
+        return [[o + 1.0 for o in outs] for outs in real_run(self, out_dir, record, samples)]
 
-    monkeypatch.setattr(type(exporter), "run", wrong)
+    monkeypatch.setattr(type(exporter), "run_samples", wrong)
 
 
 def test_failed_verification_raises_by_default_and_lands_in_failed_dir(tmp_path, monkeypatch):
@@ -307,3 +307,21 @@ def test_check_passes_exactly_when_export_writes_files(tmp_path, case, target):
     except Exception:
         wrote = False
     assert report.passed == wrote, str(report)
+
+
+def test_one_export_captures_each_target_legal_model_once(tmp_path, monkeypatch):
+    from deployplug import capture as capture_module
+
+    calls = []
+    real = capture_module.export_program
+
+    def counting(model, inputs):
+        calls.append(type(model).__name__)
+        return real(model, inputs)
+
+    monkeypatch.setattr(capture_module, "export_program", counting)
+    manifest = dp.export(_tiny(), torch.randn(1, 3, 8, 8), tmp_path / "e",
+                         formats=("onnx", "caffe", "msnhnet"), target="om")
+    assert manifest.passed
+    # caffe (om) and msnhnet need no rewrite of this net: both reuse one capture
+    assert len(calls) == 1, calls

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from deployplug.capture import Graph, Node, export_program, fold_constants, graph_from_program
+from deployplug.capture import CaptureCache, Graph, Node
 from deployplug.decompositions.registry import Rule, choose_rule, why_not
 from deployplug.errors import DeployError, OffendingOp, UnsupportedOpError
 from deployplug.profiles import TargetProfile, get_target
@@ -55,6 +55,8 @@ class DecomposeResult:
     original: Graph | None
     applied: list[Applied] = field(default_factory=list)
     offenders: list[OffendingOp] = field(default_factory=list)
+    #: the captured graph of ``module`` (None when the target needed no capture)
+    graph: Graph | None = None
 
 
 def decompose(
@@ -77,10 +79,17 @@ def run_decompose(
     model: nn.Module,
     target: str | TargetProfile,
     example_input: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    cache: CaptureCache | None = None,
 ) -> DecomposeResult:
-    """The whole pass, returning the record instead of raising (used by ``check``)."""
+    """The whole pass, returning the record instead of raising (used by ``check``).
+
+    With ``cache`` (an export run's :class:`~deployplug.capture.CaptureCache`, made for the
+    same example input) the caller vouches that ``model`` is already a private CPU eval copy:
+    it is used as it is, not copied, and every capture goes through the cache, so a model
+    that needs no rewrite comes back as the very object given, with its graph captured once.
+    """
     profile = get_target(target)
-    work = cpu_eval_copy(model)
+    work = model if cache is not None else cpu_eval_copy(model)
     if profile.accepts_everything and not profile.ops:
         return DecomposeResult(module=work, original=None)
     if example_input is None:
@@ -91,18 +100,18 @@ def run_decompose(
     inputs = (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
     inputs = tuple(t.detach().cpu() for t in inputs)
 
+    cache = cache if cache is not None else CaptureCache(inputs)
     current: nn.Module = work
     applied: list[Applied] = []
     original: Graph | None = None
     for round_ in range(MAX_ROUNDS + 1):
-        program = export_program(current, inputs)
-        graph = fold_constants(graph_from_program(program))
+        program, graph = cache.program_and_graph(current)
         original = original or graph
         refused = [(n, r) for n in graph if (r := profile.refusal(n, graph)) is not None]
         plan = [(n, rule) for n, _ in refused if (rule := choose_rule(n, graph, profile.name))]
         if not plan or round_ == MAX_ROUNDS:
             offenders = [_offender(n, reason, graph, profile, round_) for n, reason in refused]
-            return DecomposeResult(current, original, applied, offenders)
+            return DecomposeResult(current, original, applied, offenders, graph)
         gm = _unlocked(program.module())
         replaced: dict[str, torch.fx.Node] = {}
         added = []

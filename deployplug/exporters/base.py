@@ -64,13 +64,23 @@ class Exporter(abc.ABC):
         target: TargetProfile,
         **options: Any,
     ) -> FormatRecord:
-        """Write this format's files for ``model`` (eval mode, CPU, already target-legal)."""
+        """Write this format's files for ``model`` (eval mode, CPU, already target-legal).
+
+        ``options["graph"]``, when given, is ``model`` already captured on
+        ``example_inputs`` (:class:`~deployplug.capture.Graph`); writers that lower a graph use
+        it instead of capturing the model again.
+        """
 
     @abc.abstractmethod
     def run(
         self, out_dir: Path, record: FormatRecord, inputs: Sequence[np.ndarray]
     ) -> list[np.ndarray]:
         """Execute the written files in this format's runtime and return every output."""
+
+    def run_samples(self, out_dir: Path, record: FormatRecord,
+                    samples: Sequence[Sequence[np.ndarray]]) -> list[list[np.ndarray]]:
+        """Run every sample; formats override this to load their files once for all of them."""
+        return [self.run(out_dir, record, inputs) for inputs in samples]
 
     def first_divergence(
         self,

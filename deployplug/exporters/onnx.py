@@ -137,9 +137,14 @@ class OnnxExporter(Exporter):
 
     def run(self, out_dir: Path, record: FormatRecord,
             inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.run_samples(out_dir, record, [inputs])[0]
+
+    def run_samples(self, out_dir: Path, record: FormatRecord,
+                    samples: Sequence[Sequence[np.ndarray]]) -> list[list[np.ndarray]]:
         session = make_session(Path(out_dir) / record.files[0])
         names = [i.name for i in session.get_inputs()]
-        return list(session.run(None, dict(zip(names, inputs, strict=True))))
+        return [list(session.run(None, dict(zip(names, inputs, strict=True))))
+                for inputs in samples]
 
 
     def first_divergence(self, out_dir: Path, record: FormatRecord, model: nn.Module,

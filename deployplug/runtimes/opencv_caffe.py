@@ -223,12 +223,21 @@ def forward(prepared: PreparedNet, input_names: Sequence[str], inputs: Sequence[
 def run(prototxt: Path, caffemodel: Path, info: Mapping[str, Any],
         inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
     """Outputs of the files for ``inputs``, in the order recorded in ``info['outputs']``."""
+    outputs, notes = run_samples(prototxt, caffemodel, info, [inputs])
+    return outputs[0], notes
+
+
+def run_samples(prototxt: Path, caffemodel: Path, info: Mapping[str, Any],
+                samples: Sequence[Sequence[np.ndarray]]
+                ) -> tuple[list[list[np.ndarray]], list[str]]:
+    """:func:`run` for several samples, loading the net into OpenCV once."""
     outputs = [o["blob"] for o in info["outputs"]]
     prepared = prepare(prototxt, caffemodel, info.get("dialect", "bvlc"),
                        info.get("upsample_channels"), outputs)
     shapes = {o["blob"]: o["shape"] for o in info["outputs"]}
     names = [i["name"] for i in info["inputs"]]
-    return forward(prepared, names, inputs, outputs, shapes), prepared.notes
+    return [forward(prepared, names, inputs, outputs, shapes) for inputs in samples], \
+        prepared.notes
 
 
 # ----------------------------------------------------------------------------- divergence

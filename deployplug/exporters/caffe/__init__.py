@@ -92,7 +92,7 @@ class CaffeExporter(Exporter):
         dialect = DIALECT_OF_TARGET[target.name]
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
-        graph = capture_for_export(model, example_inputs)
+        graph = options.get("graph") or capture_for_export(model, example_inputs)
         check_graph(graph, target)
         net = lowering.lower(graph, dialect, target.name, options.get("name", type(model).__name__))
         if options.get("output_names"):
@@ -108,11 +108,16 @@ class CaffeExporter(Exporter):
 
     def run(self, out_dir: Path, record: FormatRecord,
             inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.run_samples(out_dir, record, [inputs])[0]
+
+    def run_samples(self, out_dir: Path, record: FormatRecord,
+                    samples: Sequence[Sequence[np.ndarray]]) -> list[list[np.ndarray]]:
         from deployplug.runtimes import opencv_caffe
 
         out_dir = Path(out_dir)
-        outputs, notes = opencv_caffe.run(out_dir / writer.PROTOTXT, out_dir / writer.CAFFEMODEL,
-                                          record.info, inputs)
+        outputs, notes = opencv_caffe.run_samples(out_dir / writer.PROTOTXT,
+                                                  out_dir / writer.CAFFEMODEL, record.info,
+                                                  samples)
         record.info["runtime_notes"] = notes
         return outputs
 

@@ -172,14 +172,16 @@ def _count(layers: list[MLayer]) -> dict[str, int]:
     return counts
 
 
-def run_files(out_dir: Path, info: dict[str, Any], x: np.ndarray) -> np.ndarray:
+def run_files(out_dir: Path, info: dict[str, Any], x: np.ndarray,
+              model: runtime.MsnhNetModel | None = None) -> np.ndarray:
     """Run the written files on ``x``, splitting it into batches of the configured size.
 
     Both files are read through the bounded reference-runtime loader; a sample or a recorded
     output shape that does not fit the graph is an :class:`ArtifactFormatError`, not a
     reshape error.
     """
-    model = runtime.load(Path(out_dir) / GRAPH_FILE, Path(out_dir) / WEIGHTS_FILE)
+    if model is None:
+        model = runtime.load(Path(out_dir) / GRAPH_FILE, Path(out_dir) / WEIGHTS_FILE)
     x = np.asarray(x, dtype=np.float32)
     per_sample = int(np.prod(model.in_shape))
     if x.ndim < 1 or x.shape[0] < 1 or x.size != x.shape[0] * per_sample:
@@ -214,10 +216,12 @@ class MsnhNetExporter(Exporter):
               target: TargetProfile, **options: Any) -> FormatRecord:
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
-        model = copy.deepcopy(model).cpu().eval()
-        inputs = tuple(t.detach().cpu().float() for t in example_inputs)
-        with torch.no_grad():
-            graph = capture(model, inputs)
+        graph = options.get("graph")
+        if graph is None:
+            model = copy.deepcopy(model).cpu().eval()
+            inputs = tuple(t.detach().cpu().float() for t in example_inputs)
+            with torch.no_grad():
+                graph = capture(model, inputs)
         info = write_files(graph, Path(out_dir))
         record = FormatRecord(format=self.format, target=getattr(target, "name", str(target)),
                               files=[GRAPH_FILE, WEIGHTS_FILE], info=info)
@@ -228,9 +232,15 @@ class MsnhNetExporter(Exporter):
 
     def run(self, out_dir: Path, record: FormatRecord,
             inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        if len(inputs) != 1:
-            raise ArtifactFormatError(f"MsnhNet networks take one input, got {len(inputs)}")
-        return [run_files(Path(out_dir), record.info, inputs[0])]
+        return self.run_samples(out_dir, record, [inputs])[0]
+
+    def run_samples(self, out_dir: Path, record: FormatRecord,
+                    samples: Sequence[Sequence[np.ndarray]]) -> list[list[np.ndarray]]:
+        if any(len(inputs) != 1 for inputs in samples):
+            raise ArtifactFormatError("MsnhNet networks take one input, got "
+                                      f"{max(len(inputs) for inputs in samples)}")
+        model = runtime.load(Path(out_dir) / GRAPH_FILE, Path(out_dir) / WEIGHTS_FILE)
+        return [[run_files(Path(out_dir), record.info, inputs[0], model)] for inputs in samples]
 
     def first_divergence(self, out_dir: Path, record: FormatRecord, model: nn.Module,
                          inputs: Sequence[np.ndarray], tolerance: float) -> str | None:
