@@ -331,7 +331,8 @@ def _normalize(
     raw = _bind(n)
 
     if op == "getitem":
-        source, index = n.args
+        source, index = n.args[0], n.args[1]
+        assert isinstance(source, torch.fx.Node)  # getitem always indexes a node's result
         src_name = alias.get(source.name)
         src_op = _op_name(source.target) if source.op == "call_function" else ""
         if src_name is not None and src_op in _FIRST_RESULT_OPS.values() and index == 0:

@@ -120,6 +120,8 @@ class FlatOutputs(nn.Module):
         self._buffers = model._buffers
         object.__setattr__(self, "wrapped", model)
 
+    wrapped: nn.Module  # set in __dict__, not registered: its children are ours already
+
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(flatten_outputs(self.wrapped(*args)))
 
@@ -164,7 +166,7 @@ def _drop_compiled_forward(module: nn.Module) -> None:
         return
     for name in _COMPILED_METHODS:
         module.__dict__.pop(name, None)
-    module._compiler_ctx = None
+    module.__dict__["_compiler_ctx"] = None
 
 
 def as_sequence(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -19,9 +19,11 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
             c = module.num_features
+            mean, var = module.running_mean, module.running_var
+            assert mean is not None and var is not None  # track_running_stats guarantees both
             with torch.no_grad():
-                module.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-                module.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+                mean.copy_(torch.randn(c, generator=gen) * 0.5)
+                var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
                 if module.affine:
                     module.weight.copy_(torch.rand(c, generator=gen) + 0.5)
                     module.bias.copy_(torch.randn(c, generator=gen) * 0.2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -25,30 +26,32 @@ from deployplug.errors import BatchNormStatsError
 from deployplug.reparam.fusion import add_centred_, fold_bn, identity_kernel, sum_branches
 
 IntOrPair = int | tuple[int, int]
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 
 
 def _conv_bn(in_channels: int, out_channels: int, kernel_size: tuple[int, int],
              stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
              groups: int, padding_mode: str) -> nn.Sequential:
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                     bias=False, padding_mode=padding_mode)
+                     bias=False, padding_mode=cast(PaddingMode, padding_mode))
     return nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(out_channels)))
 
 
 def _folded(branch: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel, bias) of a conv->BN branch, differentiable."""
-    conv, bn = branch.conv, branch.bn
-    _require_stats(bn, f"{name}.bn")
-    return fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-                   bn.weight, bn.bias)
+    conv, bn = cast(nn.Conv2d, branch.conv), cast(_BatchNorm, branch.bn)
+    mean, var = _require_stats(bn, f"{name}.bn")
+    return fold_bn(conv.weight, conv.bias, mean, var, bn.eps, bn.weight, bn.bias)
 
 
-def _require_stats(bn: _BatchNorm, name: str) -> None:
+def _require_stats(bn: _BatchNorm, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running mean and variance, which folding needs."""
     if bn.running_mean is None or bn.running_var is None:
         raise BatchNormStatsError(
             f"BatchNorm '{name}' has no running statistics (track_running_stats=False), so it "
             "cannot be folded into a convolution; build it with track_running_stats=True and "
             "train (or recalibrate) so that running_mean/running_var are estimated")
+    return bn.running_mean, bn.running_var
 
 
 class RepVGGBlock(nn.Module):
@@ -62,6 +65,12 @@ class RepVGGBlock(nn.Module):
     # Fusing only reads the branch modules and tensors and then drops them, so a deploy copy
     # may borrow them (see reparam.passes). A subclass that writes to them must set False.
     fusion_reads_only = True
+
+    conv_kxk: nn.Sequential
+    conv_1x1: nn.Sequential
+    identity: nn.BatchNorm2d | None
+    act: nn.Module
+    reparam: nn.Conv2d
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 3,
                  stride: IntOrPair = 1, padding: IntOrPair | None = None,
@@ -107,6 +116,7 @@ class RepVGGBlock(nn.Module):
         Differentiable, so it can feed a regulariser or quantisation-aware training.
         """
         if self.deployed:
+            assert self.reparam.bias is not None  # the fused conv always carries a bias
             return self.reparam.weight, self.reparam.bias
         kernel, bias = _folded(self.conv_kxk, "conv_kxk")
         # Centre-tap branches are summed at 1x1 first and added onto the centre taps of the
@@ -114,11 +124,10 @@ class RepVGGBlock(nn.Module):
         centre = [_folded(self.conv_1x1, "conv_1x1")]
         if self.identity is not None:
             bn = self.identity
-            _require_stats(bn, "identity")
+            mean, var = _require_stats(bn, "identity")
             ident = identity_kernel(self.in_channels, self.groups, (1, 1),
                                     dtype=kernel.dtype, device=kernel.device)
-            centre.append(fold_bn(ident, None, bn.running_mean, bn.running_var, bn.eps,
-                                  bn.weight, bn.bias))
+            centre.append(fold_bn(ident, None, mean, var, bn.eps, bn.weight, bn.bias))
         k1, b1 = sum_branches(centre)
         return add_centred_(kernel, k1), bias + b1
 
@@ -131,7 +140,7 @@ class RepVGGBlock(nn.Module):
         # The fused conv is the k x k conv (stride, padding, dilation, groups, padding mode)
         # carrying the new weight and a bias. Copying it with the new weight pre-seeded in the
         # memo avoids constructing a Conv2d, whose weight initialisation would be wasted work.
-        src = self.conv_kxk.conv
+        src = cast(nn.Conv2d, self.conv_kxk.conv)
         requires_grad = src.weight.requires_grad
         weight = nn.Parameter(kernel.detach(), requires_grad=requires_grad)
         conv = copy.deepcopy(src, memo={id(src.weight): weight})

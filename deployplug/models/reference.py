@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deployplug.models.registry import register
+from deployplug.models.registry import register, with_input_shape
 
 
 def conv_bn_act(in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1,
@@ -220,8 +220,7 @@ class DeepLabV3Like(nn.Module):
 # ---------------------------------------------------------------------------- builders
 
 def _with_shape(model: nn.Module, in_channels: int, size: int = 64) -> nn.Module:
-    model.default_input_shape = (1, in_channels, size, size)
-    return model
+    return with_input_shape(model, (1, in_channels, size, size))
 
 
 @register("resnet18_like")

@@ -29,6 +29,12 @@ def register(name: str) -> Callable[[B], B]:
     return decorator
 
 
+def with_input_shape(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """Record the (N, C, H, W) input a model is built for, as ``default_input_shape``."""
+    object.__setattr__(model, "default_input_shape", tuple(shape))
+    return model
+
+
 def names() -> list[str]:
     """Every registered model name, sorted."""
     return sorted(_BUILDERS)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from deployplug.blocks import RepVGGBlock
-from deployplug.models.registry import register
+from deployplug.models.registry import register, with_input_shape
 
 # Blocks numbered from 0 (stage 0) in forward order; these use grouped convs in "g2"/"g4" models.
 GROUPED_BLOCKS = frozenset(range(2, 27, 2))
@@ -56,8 +56,7 @@ def _paper(depths: Sequence[int], a: float, b: float, groups: int, num_classes: 
     stages = [(w, d, 2) for w, d in zip(widths, depths)]
     group_map = dict.fromkeys(GROUPED_BLOCKS, groups) if groups > 1 else None
     model = RepVGG(min(64, int(64 * a)), stages, num_classes, in_channels, group_map=group_map)
-    model.default_input_shape = (1, in_channels, 224, 224)
-    return model
+    return with_input_shape(model, (1, in_channels, 224, 224))
 
 
 _A = (2, 4, 14, 1)
@@ -104,5 +103,4 @@ def repvgg_tiny(num_classes: int = 1000, in_channels: int = 3, width: int = 8) -
     """
     stages = [(2 * width, 2, 2), (4 * width, 2, 2), (4 * width, 1, 2)]
     model = RepVGG(width, stages, num_classes, in_channels, stem_stride=1)
-    model.default_input_shape = (1, in_channels, 32, 32)
-    return model
+    return with_input_shape(model, (1, in_channels, 32, 32))
