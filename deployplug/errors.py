@@ -58,6 +58,14 @@ class UnsupportedOpError(DeployError):
         super().__init__("\n".join(lines))
 
 
+class OpAttributeError(DeployError, ValueError):
+    """An op attribute has a form no normalisation rule covers (a 3-element 2-D padding...).
+
+    Also a :class:`ValueError`, so a target check that meets one reports the node as refused
+    with this message instead of guessing a value.
+    """
+
+
 class CaptureError(DeployError):
     """The model could not be turned into a static graph (``torch.export`` failed)."""
 
@@ -116,3 +124,10 @@ class ParityError(DeployError):
 
 class ModuleMismatchError(DeployError):
     """The module to be exported does not compute what the trained forward computes."""
+
+
+class ConfigError(DeployError, ValueError):
+    """A setting, config file or command-line value cannot be used; names the setting.
+
+    Also a :class:`ValueError`, the error a bad argument has always raised.
+    """

@@ -133,7 +133,7 @@ def check(
             report.rows.append(CompatRow(node.op, node.module_path, DECOMPOSED,
                                          f"rule {applied.rule} ({reason})"))
         else:
-            notes = "; ".join(why_not(node, graph, profile.name)) or "no rule exists"
+            notes = "; ".join(why_not(node, graph, profile)) or "no rule exists"
             report.rows.append(CompatRow(node.op, node.module_path, UNSUPPORTED,
                                          f"{reason}; {notes}"))
     for applied in result.applied:

@@ -1,7 +1,8 @@
 """Shared checks for decomposition rule tests: one rule, one node, PyTorch and onnxruntime.
 
 Property tests build the normalized node straight from the ATen op's schema
-(:func:`aten_node`, the same by-name binding ``capture`` does) because ``torch.export``
+(:func:`deployplug.decompositions.examples.aten_node`, the same by-name binding ``capture``
+does) because ``torch.export``
 costs ~0.5 s per example; a few tests per rule still go through ``capture`` to pin the
 real captured form. Each check lets the registry choose the rule for a profile that refuses
 the op, builds the replacement and compares it with the original ATen op both in PyTorch
@@ -22,10 +23,14 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from deployplug.capture import Graph, Node, Ref, Value, _op_name, capture
+from deployplug.capture import Graph, Node, capture
 from deployplug.decompositions import choose_rule
-from deployplug.profiles import TargetProfile
+from deployplug.decompositions.examples import A, aten_node
+from deployplug.profiles import TargetProfile, get_target
 from deployplug.testing import normalized_error
+
+__all__ = ["A", "aten_node", "caffe_error", "check_aten", "check_module", "check_node",
+           "no_rule", "onnx_run", "only_node", "refusing"]
 
 TOL = 1e-5
 _SESSION = ort.SessionOptions()
@@ -62,44 +67,9 @@ def onnx_run(module: nn.Module, inputs: Sequence[torch.Tensor]) -> np.ndarray:
     return sess.run(None, feed)[0]
 
 
-class A:
-    """Marks activation input ``i`` among the arguments given to :func:`aten_node`."""
-
-    def __init__(self, i: int = 0):
-        self.i = i
-
-
-def aten_node(overload, acts: Sequence[torch.Tensor], *args, **kwargs):
-    """(node, graph, reference output) for one ATen op applied to activations ``acts``."""
-    schema = overload._schema
-    real = [acts[a.i] if isinstance(a, A) else a for a in args]
-    with torch.no_grad():
-        ref = overload(*real, **kwargs)
-    ref = ref[0] if isinstance(ref, (tuple, list)) else ref
-    bound, refs = {}, []
-    for i, arg in enumerate(schema.arguments):
-        if i < len(args) and not arg.kwarg_only:
-            value = args[i]
-        elif arg.name in kwargs:
-            value = kwargs[arg.name]
-        elif arg.has_default_value():
-            value = arg.default_value
-        else:
-            continue
-        if isinstance(value, A):
-            refs.append(f"x{value.i}")
-            value = Ref(f"x{value.i}")
-        bound[arg.name] = value
-    op = _op_name(overload)
-    node = Node(name=op, op=op, target=str(overload), args=bound, inputs=refs,
-                shape=tuple(ref.shape), dtype=ref.dtype, module_path="m", module_type="M")
-    graph = Graph(inputs=[Value(f"x{i}", tuple(t.shape), t.dtype) for i, t in enumerate(acts)],
-                  nodes=[node], outputs=[node.name])
-    return node, graph, ref
-
-
 def check_module(module: nn.Module, inputs: Sequence[torch.Tensor] | torch.Tensor, op: str,
-                 rule: str, target: str = "caffe", tol: float = TOL) -> tuple[float, float]:
+                 rule: str, target: str | TargetProfile = "caffe",
+                 tol: float = TOL) -> tuple[float, float]:
     """Like :func:`check_node`, for the node ``capture`` records from a one-op module."""
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     module = module.eval()
@@ -112,13 +82,13 @@ def check_module(module: nn.Module, inputs: Sequence[torch.Tensor] | torch.Tenso
 
 
 def check_node(node: Node, graph: Graph, acts: Sequence[torch.Tensor], ref: torch.Tensor,
-               rule: str, target: str = "caffe", tol: float = TOL,
+               rule: str, target: str | TargetProfile = "caffe", tol: float = TOL,
                onnx: bool = True) -> tuple[float, float]:
     """Assert that ``rule`` is chosen for ``node`` and rewrites it exactly (PyTorch and ORT)."""
     chosen = choose_rule(node, graph, target)
     assert chosen is not None and chosen.name == rule, (
         f"expected rule {rule}, got {chosen and chosen.name}")
-    replacement = chosen.build(node, graph).eval()
+    replacement = chosen.build(node, graph, get_target(target)).eval()
     with torch.no_grad():
         got = replacement(*acts)
     assert got.shape == ref.shape
@@ -140,85 +110,42 @@ def _log(rule: str, err_pt: float, err_ort: float) -> None:
 
 
 def check_aten(rule: str, overload, acts: Sequence[torch.Tensor], *args,
-               target: str = "caffe", tol: float = TOL, **kwargs) -> tuple[float, float]:
+               target: str | TargetProfile = "caffe", tol: float = TOL,
+               **kwargs) -> tuple[float, float]:
     """Build the node for ``overload(*args)`` and check that ``rule`` rewrites it exactly."""
     node, graph, ref = aten_node(overload, acts, *args, **kwargs)
     by_name = {v.name: t for v, t in zip(graph.inputs, acts)}
     return check_node(node, graph, [by_name[n] for n in node.inputs], ref, rule, target, tol)
 
 
-def no_rule(overload, acts: Sequence[torch.Tensor], *args, target: str = "caffe",
-            **kwargs) -> bool:
+def no_rule(overload, acts: Sequence[torch.Tensor], *args,
+            target: str | TargetProfile = "caffe", **kwargs) -> bool:
     """True when no rule accepts the node (it must then be reported, not rewritten)."""
     node, graph, _ = aten_node(overload, acts, *args, **kwargs)
     return choose_rule(node, graph, target) is None
 
 
-def _spatial_pad_asymmetric(node: Node, graph: Graph) -> str | None:
-    p = list(node.args.get("pad") or [])
-    if any(p[4:]):
-        return "padding along channels/batch"
-    p = (p + [0, 0, 0, 0])[:4]
-    if p[0] != p[1] or p[2] != p[3] or min(p) < 0:
-        return "asymmetric pad"
-    return None
+def caffe_error(overload, acts: Sequence[torch.Tensor], *args, target: str = "caffe",
+                **kwargs) -> float:
+    """Normalized error of the Caffe writer's own lowering of one ATen op, run in OpenCV.
 
+    For ops no rule rewrites because the writer composes them itself: the target must accept
+    the node, and the layers it becomes must reproduce PyTorch. Runs from memory (no files).
+    """
+    import cv2
 
-def _resize_needs_factor(node: Node, graph: Graph) -> str | None:
-    scales = node.args.get("scale_factors")
-    if scales is not None and all(float(s).is_integer() for s in scales):
-        return None
-    return "resize without an integer scale factor"
+    from deployplug.exporters.caffe import lower as caffe_lower
+    from deployplug.exporters.caffe import writer as caffe_writer
 
-
-def _pool_over(limit: int):
-    def check(node: Node, graph: Graph) -> str | None:
-        return f"pooling window over {limit}" if max(node.args["kernel_size"]) > limit else None
-
-    return check
-
-
-def _gap_over(limit: int):
-    def check(node: Node, graph: Graph) -> str | None:
-        if tuple(node.shape[2:]) != (1, 1):
-            return "adaptive pooling to a size other than 1"
-        if limit and max(graph.shape_of(node.inputs[0])[2:]) > limit:
-            return f"global pooling over a map larger than {limit}"
-        return None
-
-    return check
-
-
-def _refuse(reason: str):
-    return lambda node, graph: reason
-
-
-def _convt(node: Node, graph: Graph) -> str | None:
-    return "output_padding" if any(node.args["output_padding"]) else None
-
-
-def _bn(node: Node, graph: Graph) -> str | None:
-    return None if len(graph.shape_of(node.inputs[0])) == 4 else "BatchNorm on a non-4-D map"
-
-
-def caffe_like(name: str = "caffe", om: bool = False) -> TargetProfile:
-    """A whitelist profile following the agreed Caffe/om split (used until the real ones land)."""
-    ok = lambda node, graph: None  # noqa: E731
-    ops = {op: ok for op in (
-        "conv2d", "relu", "sigmoid", "tanh", "exp", "pow", "add", "sub", "mul", "div", "rsub",
-        "cat", "slice", "view", "reshape", "permute", "unsqueeze", "squeeze", "flatten",
-        "select", "stack", "linear", "addmm", "softmax", "relu6", "hardtanh", "clamp",
-        "hardswish", "hardsigmoid", "silu", "t", "amax", "_unsafe_view")}
-    ops.update({
-        "conv_transpose2d": _convt, "batch_norm": _bn, "pad": _spatial_pad_asymmetric,
-        "upsample_nearest2d": _resize_needs_factor, "upsample_bilinear2d": _resize_needs_factor,
-        "max_pool2d": _pool_over(32 if om else 10**9),
-        "avg_pool2d": _pool_over(32 if om else 10**9),
-        "adaptive_avg_pool2d": _gap_over(32 if om else 0),
-    })
-    if om:
-        ops.update({"mean": _refuse("no reductions over H, W"),
-                    "sum": _refuse("no reductions over H, W")})
-    else:
-        ops.update({"mean": ok, "sum": ok})
-    return TargetProfile(name=name, format="caffe", description="test profile", ops=ops)
+    node, graph, ref = aten_node(overload, acts, *args, **kwargs)
+    reason = get_target(target).refusal(node, graph)
+    assert reason is None, reason
+    net = caffe_lower.lower(graph, "om" if target == "om" else "bvlc", target)
+    text = caffe_writer.prototxt_text(net).encode()
+    weights = caffe_writer.caffemodel_bytes(net)
+    cv_net = cv2.dnn.readNetFromCaffe(np.frombuffer(text, np.uint8),
+                                      np.frombuffer(weights, np.uint8))
+    for value, x in zip(graph.inputs, acts):
+        cv_net.setInput(x.numpy(), value.name)
+    got = cv_net.forward(net.outputs[0])
+    return normalized_error(got.reshape(ref.shape), ref)

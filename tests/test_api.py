@@ -28,3 +28,21 @@ def test_models_namespace_and_targets():
     assert "repvgg_a0" in dp.models.names()
     assert {t.name for t in dp.targets()} == {"onnx", "caffe", "om", "msnhnet"}
     assert dp.__version__
+
+
+def test_decompose_takes_model_input_target_and_still_accepts_the_old_order():
+    import warnings
+
+    import torch
+    from torch import nn
+
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2))
+    x = torch.randn(1, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = dp.decompose(net, x, "caffe")
+    with pytest.warns(DeprecationWarning, match="decompose\\(model, example_input, target\\)"):
+        old = dp.decompose(net, "caffe", x)
+    assert torch.equal(new(x), old(x))
+    with pytest.raises(TypeError, match="needs a target"):
+        dp.decompose(net, x)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from decompose_harness import caffe_like, onnx_run, refusing
+from decompose_harness import onnx_run, refusing
 from torch import nn
 
 from deployplug.capture import capture
 from deployplug.decompositions import decompose, run_decompose
 from deployplug.errors import UnsupportedOpError
-from deployplug.profiles import targets
+from deployplug.profiles import get_target, shipped_targets
 from deployplug.testing import normalized_error, randomize_batchnorm
 
 
@@ -54,8 +54,8 @@ def mixed():
 
 def test_caffe_decompose_removes_every_refused_op_and_matches(mixed):
     model, x = mixed
-    profile = caffe_like()
-    out = decompose(model, profile, x)
+    profile = get_target("caffe")
+    out = decompose(model, x, profile)
     graph = capture(out, x)
     assert [n.op for n in graph if profile.refusal(n, graph)] == []
     assert not {"conv3d", "instance_norm", "gelu", "mish"} & set(graph.ops())
@@ -63,7 +63,17 @@ def test_caffe_decompose_removes_every_refused_op_and_matches(mixed):
     with torch.no_grad():
         ref = model(x)
         assert normalized_error(out(x), ref) <= 1e-5
-    assert normalized_error(onnx_run(out, [x]), ref.numpy()) <= 1e-5  # train(False) works
+
+
+def test_rewritten_module_runs_in_onnxruntime():
+    """The rewritten GraphModule takes train(False) and exports, so ONNX can check a rule."""
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.GELU(), nn.Mish()).eval()
+    x = torch.randn(1, 2, 6, 6)
+    out = decompose(net, x, "caffe")
+    assert not {"gelu", "mish"} & set(_ops(out, x))
+    with torch.no_grad():
+        ref = net(x)
+    assert normalized_error(onnx_run(out, [x]), ref.numpy()) <= 1e-5
 
 
 def test_om_fixpoint_stages_global_pooling_of_large_maps():
@@ -75,7 +85,7 @@ def test_om_fixpoint_stages_global_pooling_of_large_maps():
         def forward(self, x):
             return self.inorm(x).mean((2, 3))
 
-    om = caffe_like("om", om=True)
+    om = get_target("om")
     x = torch.randn(1, 3, 64, 40) * 2 + 1
     result = run_decompose(Net(), om, x)
     assert not result.offenders
@@ -100,12 +110,13 @@ def test_every_offender_reported_at_once():
             return torch.fft.rfft2(y).abs()
 
     with pytest.raises(UnsupportedOpError) as info:
-        decompose(Bad(), caffe_like(), torch.randn(1, 2, 5, 5))
+        decompose(Bad(), torch.randn(1, 2, 5, 5), "caffe")
     found = {o.op: o for o in info.value.offenders}
     assert {"upsample_bilinear2d", "fft_rfft2"} <= set(found)
     assert "instance_norm" not in found  # that one has a rule
     assert all(o.target == "caffe" for o in info.value.offenders)
-    assert any("upsample_bilinear2d_size_to_factor" in s
+    assert "is not an integer factor" in found["upsample_bilinear2d"].reason
+    assert any("no decomposition rule exists for 'upsample_bilinear2d'" in s
                for s in found["upsample_bilinear2d"].suggestions)
     assert "fft_rfft2" in str(info.value)
 
@@ -114,10 +125,10 @@ def test_onnx_target_returns_plain_copy_and_user_model_untouched(mixed):
     model, x = mixed
     model.train()
     before = copy.deepcopy(model.state_dict())
-    out = decompose(model, "onnx", x)
+    out = decompose(model, x, "onnx")
     assert type(out) is Mixed and not out.training and model.training
     assert out is not model
-    decompose(model, caffe_like(), x)
+    decompose(model, x, "caffe")
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
@@ -126,7 +137,7 @@ def test_onnx_target_returns_plain_copy_and_user_model_untouched(mixed):
 
 def test_no_refused_node_returns_the_plain_copy():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-    out = decompose(net, caffe_like(), torch.randn(1, 3, 8, 8))
+    out = decompose(net, torch.randn(1, 3, 8, 8), "caffe")
     assert isinstance(out, nn.Sequential)
 
 
@@ -135,29 +146,28 @@ def test_functional_forms():
         def forward(self, x):
             y = F.instance_norm(x)
             y = F.pad(y, (0, 1, 2, 0))
-            y = F.interpolate(y, size=(y.shape[2] * 2, y.shape[3] * 3))
-            return y + 3
+            y = F.interpolate(y, size=(y.shape[2] * 2 + 1, y.shape[3] * 3))
+            return 3 - y
 
     x = torch.randn(2, 3, 5, 4)
-    profile = refusing("instance_norm", "pad", "upsample_nearest2d", "add")
+    profile = refusing("instance_norm", "pad", "upsample_nearest2d", "rsub")
     result = run_decompose(Fn(), profile, x)
     assert sorted(a.rule for a in result.applied if a.round == 0) == sorted([
-        "instance_norm_broadcast", "pad_symmetric_crop", "upsample_nearest2d_size_to_factor",
-        "add_constant_as_channel_affine"])
+        "instance_norm_broadcast", "pad_symmetric_crop", "upsample_nearest2d_resample",
+        "rsub_constant_as_channel_affine"])
     assert np.allclose(result.module(x).numpy(), Fn()(x).numpy(), atol=1e-5)
 
 
 def test_needs_example_input_for_a_restrictive_target():
     with pytest.raises(ValueError, match="example_input"):
-        decompose(nn.Conv2d(1, 1, 1), caffe_like())
+        run_decompose(nn.Conv2d(1, 1, 1), "caffe")
 
 
 @pytest.mark.parametrize(
     "profile",
-    [caffe_like(), caffe_like("om", om=True)] + [p for p in targets() if p.name != "onnx"],
-    ids=lambda p: f"{p.name}-{p.description[:12]}")
+    [p for p in shipped_targets() if p.name != "onnx"], ids=lambda p: p.name)
 def test_profiles_conv3d_and_instance_norm(profile):
-    """Test and real profiles: nothing refused survives, or exactly that is reported."""
+    """Shipped targets: nothing refused survives, or exactly that is reported."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -182,12 +192,10 @@ def test_profiles_conv3d_and_instance_norm(profile):
 
 @pytest.mark.parametrize("target", ["caffe", "om"])
 def test_real_caffe_and_om_profiles_leave_nothing_forbidden(target, mixed):
-    """The shipped profiles: every op of the mixed model is rewritten into legal ones."""
-    from deployplug.profiles import get_target
-
+    """The shipped targets: every op of the mixed model is rewritten into legal ones."""
     model, x = mixed
     profile = get_target(target)
-    out = decompose(model, target, x)
+    out = decompose(model, x, target)
     graph = capture(out, x)
     assert [n.op for n in graph if profile.refusal(n, graph)] == []
     assert not {"conv3d", "instance_norm", "gelu", "mish"} & set(graph.ops())

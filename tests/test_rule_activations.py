@@ -1,50 +1,58 @@
-"""Activations a target lacks as ReLU/Sigmoid/Exp/Pow compositions (within 1e-5, most exact)."""
+"""Activations: GELU and Mish as compositions (rules), the piecewise-linear ones and SiLU as
+the Caffe lowering's own compositions (no rule: every shipped writer expresses them)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from decompose_harness import A, check_aten, check_module, refusing
+from decompose_harness import A, aten_node, caffe_error, check_aten, check_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from deployplug.capture import capture
-from deployplug.decompositions import choose_rule, decompose
+from deployplug.decompositions import choose_rule, decompose, rules_for
 from deployplug.decompositions.rules.activations import GeluErf
+from deployplug.profiles import get_target, shipped_targets
 
 aten = torch.ops.aten
-CASES = {
+TOL = 1e-5
+LOWERED = {
     "relu6": (aten.relu6.default, ()),
     "hardtanh": (aten.hardtanh.default, (-1.5, 2.25)),
     "clamp": (aten.clamp.default, (-0.5, 3.0)),
     "hardsigmoid": (aten.hardsigmoid.default, ()),
     "hardswish": (aten.hardswish.default, ()),
     "silu": (aten.silu.default, ()),
-    "gelu": (aten.gelu.default, ()),
-    "mish": (aten.mish.default, ()),
 }
-RULES = {"relu6": "relu6_by_relu", "hardtanh": "hardtanh_by_relu", "clamp": "clamp_by_relu",
-         "hardsigmoid": "hardsigmoid_by_relu", "hardswish": "hardswish_by_relu",
-         "silu": "silu_by_sigmoid", "gelu": "gelu_by_exp", "mish": "mish_by_exp"}
 
 
-@pytest.mark.parametrize("op", ["relu6", "hardtanh", "clamp", "hardsigmoid"])
+@pytest.mark.parametrize("op", sorted(LOWERED))
+def test_no_rule_duplicates_a_lowered_activation(op):
+    """The composition lives in the writers only: no rule, and no shipped target refuses."""
+    overload, extra = LOWERED[op]
+    node, graph, _ = aten_node(overload, [torch.randn(1, 2, 3, 3)], A(0), *extra)
+    assert rules_for(op) == []
+    for target in shipped_targets():
+        assert target.refusal(node, graph) is None, target.name
+
+
+@pytest.mark.parametrize("op", sorted(LOWERED))
 @settings(max_examples=200, deadline=None)
 @given(scale=st.sampled_from([0.5, 3.0, 10.0, 60.0]), c=st.integers(1, 3),
        seed=st.integers(0, 2**16))
-def test_piecewise_linear_activation(op, scale, c, seed):
+def test_caffe_lowers_activation_exactly(op, scale, c, seed):
     x = torch.randn(2, c, 3, 5, generator=torch.Generator().manual_seed(seed)) * scale
-    overload, extra = CASES[op]
-    check_aten(RULES[op], overload, [x], A(0), *extra)
+    overload, extra = LOWERED[op]
+    assert caffe_error(overload, [x], A(0), *extra) <= TOL
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.floats(-3, 3), st.one_of(st.none(), st.floats(-3, 3)), st.integers(0, 2**16))
-def test_clamp_one_sided_and_bounds(lo, hi, seed):
+def test_caffe_clamp_one_sided_and_bounds(lo, hi, seed):
     x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(seed)) * 4
     if hi is not None and hi < lo:
         lo, hi = hi, lo
-    check_aten("clamp_by_relu", aten.clamp.default, [x], A(0), lo, hi)
+    assert caffe_error(aten.clamp.default, [x], A(0), lo, hi) <= TOL
 
 
 def test_gelu_tanh_and_extreme_inputs():
@@ -53,7 +61,6 @@ def test_gelu_tanh_and_extreme_inputs():
     check_aten("gelu_by_exp", aten.gelu.default, [x * 1e-3], A(0), approximate="tanh")
     check_aten("gelu_by_exp", aten.gelu.default, [x], A(0))
     check_aten("mish_by_exp", aten.mish.default, [x], A(0))
-    check_aten("silu_by_sigmoid", aten.silu.default, [x], A(0))
 
 
 def test_erf_approximation_error_below_2e7():
@@ -67,20 +74,20 @@ def test_erf_approximation_error_below_2e7():
 
 
 def test_rule_used_only_where_refused():
-    """A target that has hardswish keeps it; one that lacks it gets the composition."""
-    net = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Hardswish(), nn.GELU())
+    """MsnhNet has mish and keeps it; Caffe lacks it and gets the composition."""
+    net = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Mish(), nn.GELU())
     x = torch.randn(1, 2, 4, 4)
-    keeps = decompose(net, refusing("gelu"), x)
+    keeps = decompose(net, "msnhnet", x)
     ops = capture(keeps, x).ops()
-    assert ops["hardswish"] == 1 and "gelu" not in ops
-    lacks = decompose(net, refusing("gelu", "hardswish"), x)
+    assert ops["mish"] == 1 and "gelu" not in ops
+    lacks = decompose(net, "caffe", x)
     ops = capture(lacks, x).ops()
-    assert "hardswish" not in ops and "gelu" not in ops and "erf" not in ops
+    assert "mish" not in ops and "gelu" not in ops and "erf" not in ops
     torch.testing.assert_close(lacks(x), net.eval()(x), atol=1e-5, rtol=1e-5)
 
 
 def test_module_forms_captured():
-    check_module(nn.ReLU6(), torch.randn(1, 2, 3, 3) * 5, "hardtanh", "hardtanh_by_relu")
     check_module(nn.Mish(), torch.randn(1, 2, 3, 3) * 5, "mish", "mish_by_exp")
     graph = capture(nn.SiLU(), torch.randn(1, 1, 2, 2))
-    assert choose_rule(graph.nodes[0], graph, "msnhnet").name == "silu_by_sigmoid"
+    assert get_target("msnhnet").refusal(graph.nodes[0], graph) is None
+    assert choose_rule(graph.nodes[0], graph, "msnhnet") is None

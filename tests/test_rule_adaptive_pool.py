@@ -53,11 +53,12 @@ def _om_like() -> object:
         return "no reductions over H, W"
 
     from deployplug.profiles import TargetProfile
+    from deployplug.profiles.caffe import OM_LIMITS
 
     return TargetProfile("om", "caffe", "test", ops={"max_pool2d": pool, "avg_pool2d": pool,
                                                      "adaptive_avg_pool2d": gap,
                                                      "mean": reduction, "sum": reduction},
-                         accepts_everything=True)
+                         accepts_everything=True, limits=OM_LIMITS)
 
 
 def test_global_pool_and_big_windows_staged_by_fixpoint():

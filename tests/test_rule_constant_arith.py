@@ -1,18 +1,23 @@
-"""x + c, x * c, ... as a depthwise 1x1 conv; broadcasting binaries via nearest upsample."""
+"""Arithmetic with constants (writers' own layers; rsub by a rule) and broadcasting binaries
+(nearest upsample, or a broadcast product for targets that only broadcast products)."""
 
 import pytest
 import torch
-from decompose_harness import A, check_aten, check_module, no_rule
+from decompose_harness import A, aten_node, caffe_error, check_aten, no_rule
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
+
+from deployplug.capture import capture
+from deployplug.decompositions import choose_rule, decompose
+from deployplug.profiles import get_target
 
 OPS = {
     "add": torch.ops.aten.add.Tensor,
     "sub": torch.ops.aten.sub.Tensor,
     "mul": torch.ops.aten.mul.Tensor,
     "div": torch.ops.aten.div.Tensor,
-    "rsub": torch.ops.aten.rsub.Scalar,
+    "rsub": torch.ops.aten.rsub.Tensor,
 }
 
 
@@ -33,7 +38,7 @@ def arith_case(draw, op):
     forms = ["scalar", "one"] + (["1c11", "c11"] if rank == 4 else ["c"])
     form = draw(st.sampled_from(forms))
     if op == "rsub":
-        form, first = "scalar", True
+        first = True  # rsub(x, c) = c - alpha * x
     elif op == "div" or form == "scalar":
         first = True  # c / x is not affine; aten's Tensor overloads take the tensor first
     else:
@@ -42,24 +47,60 @@ def arith_case(draw, op):
     return op, rank, form, first, alpha
 
 
-@pytest.mark.parametrize("operator", sorted(OPS))
-@settings(max_examples=200, deadline=None)
-@given(data=st.data(), c=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_constant_arith(operator, data, c, seed):
-    case = data.draw(arith_case(operator))
-    op, rank, form, first, alpha = case
+def _case(operator, data, c, seed):
+    op, rank, form, first, alpha = data.draw(arith_case(operator))
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*((2, c, 3, 4) if rank == 4 else (3, c)), generator=gen)
     const = _constant(form, c, gen)
+    if op == "rsub" and form == "scalar":
+        const = torch.tensor(const)
     args = (A(0), const) if first else (const, A(0))
     kwargs = {} if alpha is None else {"alpha": alpha}
-    check_aten(f"{op}_constant_as_channel_affine", OPS[op], [x], *args, **kwargs)
+    return op, x, args, kwargs
+
+
+@pytest.mark.parametrize("operator", ["add", "sub", "mul", "div"])
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), c=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_constant_arith_is_the_writers_layer(operator, data, c, seed):
+    """Scalar and per-channel constants: Caffe (Power/Scale) and MsnhNet take them as they
+    are, so no rule duplicates that; the Caffe layers reproduce PyTorch."""
+    op, x, args, kwargs = _case(operator, data, c, seed)
+    node, graph, _ = aten_node(OPS[op], [x], *args, **kwargs)
+    for target in ("caffe", "om", "msnhnet"):
+        assert get_target(target).refusal(node, graph) is None, target
+    assert no_rule(OPS[op], [x], *args, **kwargs)
+    assert caffe_error(OPS[op], [x], *args, **kwargs) <= 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), c=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_rsub_constant_as_channel_affine(data, c, seed):
+    op, x, args, kwargs = _case("rsub", data, c, seed)
+    check_aten("rsub_constant_as_channel_affine", OPS[op], [x], *args, **kwargs)
+
+
+def test_rsub_by_a_per_channel_constant_reaches_the_rule_for_caffe():
+    x = torch.randn(1, 3, 2, 3)
+    node, graph, _ = aten_node(OPS["rsub"], [x], A(0), torch.rand(1, 3, 1, 1))
+    assert get_target("caffe").refusal(node, graph) is not None
+    check_aten("rsub_constant_as_channel_affine", OPS["rsub"], [x], A(0), torch.rand(1, 3, 1, 1))
 
 
 def test_constant_divided_by_activation_and_width_broadcast_are_refused():
     x = torch.randn(1, 3, 2, 3)
     assert no_rule(OPS["div"], [x], torch.rand(1, 3, 1, 1) + 1, A(0))
     assert no_rule(OPS["mul"], [x], A(0), torch.rand(3))  # (3,) broadcasts along W
+
+
+def test_rounding_division_is_refused_not_turned_into_a_product():
+    """``x // 2`` is no affine map: every target refuses it and no rule claims it."""
+    x = torch.randn(1, 3, 2, 3) * 5
+    node, graph, _ = aten_node(torch.ops.aten.div.Tensor_mode, [x], A(0), torch.tensor(2.0),
+                               rounding_mode="floor")
+    for target in ("caffe", "om", "msnhnet"):
+        assert get_target(target).refusal(node, graph) is not None
+        assert choose_rule(node, graph, target) is None
 
 
 @pytest.mark.parametrize("op", ["add", "sub", "mul", "div"])
@@ -75,21 +116,21 @@ def test_broadcast_binary_by_upsample(op, small_first, c, h, w, seed):
     check_aten(f"{op}_broadcast_by_upsample", OPS[op], acts, A(0), A(1), target="msnhnet")
 
 
-def test_captured_scalar_add_and_buffer_mul():
+def test_captured_scalar_add_and_buffer_mul_stay_native():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.register_buffer("s", torch.rand(1, 3, 1, 1) + 0.5)
 
         def forward(self, x):
-            return x * self.s
+            return x * self.s + 3
 
-    class AddThree(nn.Module):
-        def forward(self, x):
-            return x + 3
-
-    check_module(Net(), torch.randn(1, 3, 4, 4), "mul", "mul_constant_as_channel_affine")
-    check_module(AddThree(), torch.randn(1, 3, 4, 4), "add", "add_constant_as_channel_affine")
+    x = torch.randn(1, 3, 4, 4)
+    graph = capture(Net(), x)
+    for target in ("caffe", "om", "msnhnet"):
+        assert [n.op for n in graph if get_target(target).refusal(n, graph)] == []
+        out = decompose(Net(), target, x)
+        assert isinstance(out, Net)  # nothing to rewrite: the module itself comes back
 
 
 @pytest.mark.parametrize("op", ["add", "sub"])

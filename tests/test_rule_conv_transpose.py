@@ -8,6 +8,7 @@ from torch import nn
 
 from deployplug.capture import capture
 from deployplug.decompositions import choose_rule
+from deployplug.profiles.caffe import CAFFE
 
 convt = torch.ops.aten.conv_transpose2d.input
 
@@ -41,7 +42,7 @@ def test_module_form_and_no_output_padding_left():
     check_module(m, x, "conv_transpose2d", "conv_transpose2d_crop")
     graph = capture(m, x)
     node = graph.nodes[0]
-    rebuilt = capture(choose_rule(node, graph, "caffe").build(node, graph), x)
+    rebuilt = capture(choose_rule(node, graph, "caffe").build(node, graph, CAFFE), x)
     for n in rebuilt:
         if n.op == "conv_transpose2d":
             assert not any(n.args["output_padding"])

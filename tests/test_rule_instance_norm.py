@@ -10,6 +10,7 @@ from torch import nn
 from deployplug.capture import capture
 from deployplug.decompositions import choose_rule
 from deployplug.decompositions.rules.instance_norm import InstanceNormBroadcast
+from deployplug.profiles.caffe import CAFFE
 
 inorm = torch.ops.aten.instance_norm.default
 
@@ -90,7 +91,7 @@ def test_replacement_has_no_reduction_over_hw():
     x = torch.randn(1, 3, 6, 6)
     graph = capture(nn.InstanceNorm2d(3, affine=True), x)
     node = graph.nodes[0]
-    replacement = choose_rule(node, graph, "caffe").build(node, graph)
+    replacement = choose_rule(node, graph, "caffe").build(node, graph, CAFFE)
     ops = capture(replacement, x).ops()
     assert ops["adaptive_avg_pool2d"] == 2
     assert not {"mean", "var", "sum", "var_mean", "std", "instance_norm"} & set(ops)

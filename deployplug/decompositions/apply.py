@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ from torch import nn
 from deployplug.capture import CaptureCache, Graph, Node
 from deployplug.decompositions.registry import Rule, choose_rule, why_not
 from deployplug.errors import DeployError, OffendingOp, UnsupportedOpError
-from deployplug.profiles import TargetProfile, get_target
+from deployplug.profiles import TargetProfile, get_target, offending_op
 
 MAX_ROUNDS = 8
 
@@ -61,15 +62,26 @@ class DecomposeResult:
 
 def decompose(
     model: nn.Module,
-    target: str | TargetProfile,
-    example_input: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    example_input: torch.Tensor | Sequence[torch.Tensor] | str | TargetProfile | None = None,
+    target: str | TargetProfile | torch.Tensor | Sequence[torch.Tensor] | None = None,
 ) -> nn.Module:
     """A target-legal copy of ``model`` (CPU, eval); the model itself is never modified.
 
-    Raises :class:`~deployplug.errors.UnsupportedOpError` naming every op that no rule can
-    rewrite for ``target``.
+    The arguments come in the order every public function uses: model, example input, then
+    the target (``decompose(model, x, "om")``). The earlier order ``decompose(model, target,
+    x)`` still works for one release and warns. Raises
+    :class:`~deployplug.errors.UnsupportedOpError` naming every op that no rule can rewrite
+    for ``target``.
     """
-    result = run_decompose(model, target, example_input)
+    if isinstance(example_input, (str, TargetProfile)):
+        warnings.warn(
+            "decompose(model, target, example_input) is deprecated: call "
+            "decompose(model, example_input, target)", DeprecationWarning, stacklevel=2)
+        example_input, target = target, example_input  # type: ignore[assignment]
+    if not isinstance(target, (str, TargetProfile)):
+        raise TypeError("decompose(model, example_input, target) needs a target name such as "
+                        f"'caffe' or a TargetProfile, got {type(target).__name__}")
+    result = run_decompose(model, target, example_input)  # type: ignore[arg-type]
     if result.offenders:
         raise UnsupportedOpError(result.offenders)
     return result.module
@@ -108,7 +120,7 @@ def run_decompose(
         program, graph = cache.program_and_graph(current)
         original = original or graph
         refused = [(n, r) for n in graph if (r := profile.refusal(n, graph)) is not None]
-        plan = [(n, rule) for n, _ in refused if (rule := choose_rule(n, graph, profile.name))]
+        plan = [(n, rule) for n, _ in refused if (rule := choose_rule(n, graph, profile))]
         if not plan or round_ == MAX_ROUNDS:
             offenders = [_offender(n, reason, graph, profile, round_) for n, reason in refused]
             return DecomposeResult(current, original, applied, offenders, graph)
@@ -116,7 +128,7 @@ def run_decompose(
         replaced: dict[str, torch.fx.Node] = {}
         added = []
         for node, rule in plan:
-            sub = _rewrite(gm, graph, node, rule, replaced)
+            sub = _rewrite(gm, graph, node, rule, replaced, profile)
             added.append(sub)
             applied.append(Applied(round_, node.name, node.op, node.module_path, rule.name, sub))
         gm.graph.eliminate_dead_code()
@@ -169,17 +181,17 @@ def _drop_unused_tensors(gm: torch.fx.GraphModule, keep_under: list[str]) -> Non
 def _offender(
     node: Node, reason: str, graph: Graph, profile: TargetProfile, round_: int
 ) -> OffendingOp:
-    notes = list(why_not(node, graph, profile.name))
+    notes = list(why_not(node, graph, profile))
     if not notes:
         notes.append(f"no decomposition rule exists for '{node.op}'; rewrite that part of the "
                      "model or choose another target")
     if round_ == MAX_ROUNDS:
         notes.append(f"still refused after {MAX_ROUNDS} rounds of rewriting")
-    return OffendingOp(node.op, node.module_path, profile.name, reason, tuple(notes))
+    return offending_op(node, reason, profile, notes)
 
 
 def _rewrite(gm: torch.fx.GraphModule, graph: Graph, node: Node, rule: Rule,
-             replaced: dict[str, torch.fx.Node]) -> str:
+             replaced: dict[str, torch.fx.Node], profile: TargetProfile) -> str:
     """Replace ``node``'s fx node in ``gm`` by a call of the module ``rule`` builds.
 
     ``replaced`` maps the fx names of nodes rewritten earlier in this round to their new
@@ -195,7 +207,7 @@ def _rewrite(gm: torch.fx.GraphModule, graph: Graph, node: Node, rule: Rule,
     args = [by_input[name] if name in by_input else fx_nodes[graph.node(name).fx_name]
             for name in node.inputs]
 
-    replacement = rule.build(node, graph).eval()
+    replacement = rule.build(node, graph, profile).eval()
     path = _free_path(gm, node)
     gm.add_submodule(path, replacement)
     with gm.graph.inserting_before(target):

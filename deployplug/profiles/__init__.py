@@ -1,60 +1,42 @@
-"""Target profiles: which ops (and attribute values) each deployment backend accepts.
+"""Deployment targets: which ops each backend runs, why it refuses the others, its limits.
 
-A profile is data: a mapping from normalized op name (see :mod:`deployplug.capture`) to a
-check that returns ``None`` when the node is native to the target, or the reason it is not.
-The decomposition registry consults the same profiles, so "what the target lacks" is
-written down exactly once.
+A target (:class:`TargetProfile`) is data plus checks of one shape, ``(node, graph) -> reason
+| None`` (see :mod:`.base`). The checks read ops through :mod:`deployplug.ops`, and nothing
+here imports a writer: the writers derive their layer registries from these targets (and a
+test holds the two equal), the decomposition pass asks the same targets what to rewrite, and
+:mod:`.offenders` turns refusals into the error every stage raises.
+
+Built-in targets: ``onnx`` (:mod:`.onnx`), ``caffe`` and ``om`` (:mod:`.caffe`), ``msnhnet``
+(:mod:`.msnhnet`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-
-from deployplug.capture import Graph, Node
-
-NodeCheck = Callable[[Node, Graph], "str | None"]
-
-
-def always(node: Node, graph: Graph) -> str | None:
-    """Check for ops a target runs with any attributes."""
-    return None
-
-
-@dataclass(frozen=True)
-class TargetProfile:
-    """What one deployment target accepts.
-
-    ``ops`` maps op name to a check; an op missing from ``ops`` is unsupported unless
-    ``accepts_everything`` is set (the ONNX profile: ``torch.onnx`` already knows its ops).
-    """
-
-    name: str
-    format: str
-    description: str
-    ops: Mapping[str, NodeCheck] = field(default_factory=dict)
-    accepts_everything: bool = False
-
-    def refusal(self, node: Node, graph: Graph) -> str | None:
-        """``None`` when ``node`` runs natively on this target, otherwise the reason."""
-        check = self.ops.get(node.op)
-        if check is None:
-            return None if self.accepts_everything else f"{self.name} has no '{node.op}' op"
-        return check(node, graph)
-
+from deployplug.profiles.base import (
+    DEFAULT_HINT,
+    Broadcast,
+    GraphCheck,
+    Limits,
+    NodeCheck,
+    TargetProfile,
+    always,
+)
+from deployplug.profiles.offenders import offenders, offending_op, require_supported
 
 _REGISTRY: dict[str, TargetProfile] = {}
+_SHIPPED: set[str] = set()
 
 
 def register_target(profile: TargetProfile) -> TargetProfile:
+    """Make ``profile`` known by name (``get_target``, ``dp.targets()``)."""
     _REGISTRY[profile.name] = profile
     return profile
 
 
 def get_target(name: str | TargetProfile) -> TargetProfile:
+    """The target called ``name`` (a profile object is returned as it is)."""
     if isinstance(name, TargetProfile):
         return name
-    _load_builtin()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -65,10 +47,37 @@ def get_target(name: str | TargetProfile) -> TargetProfile:
 
 def targets() -> list[TargetProfile]:
     """Every registered target profile."""
-    _load_builtin()
     return list(_REGISTRY.values())
 
 
-def _load_builtin() -> None:
-    # Each profile module registers itself on import; imported lazily to avoid a cycle.
-    from deployplug.profiles import caffe, msnhnet, onnx  # noqa: F401
+def shipped_targets() -> list[TargetProfile]:
+    """The targets deployplug itself defines (not ones a user or a test registered)."""
+    return [p for p in _REGISTRY.values() if p.name in _SHIPPED]
+
+
+def _register_builtin() -> None:
+    from deployplug.profiles import caffe, msnhnet, onnx
+
+    for profile in (caffe.CAFFE, caffe.OM, msnhnet.MSNHNET, onnx.ONNX):
+        register_target(profile)
+        _SHIPPED.add(profile.name)
+
+
+_register_builtin()
+
+__all__ = [
+    "DEFAULT_HINT",
+    "Broadcast",
+    "GraphCheck",
+    "Limits",
+    "NodeCheck",
+    "TargetProfile",
+    "always",
+    "get_target",
+    "offenders",
+    "offending_op",
+    "register_target",
+    "require_supported",
+    "shipped_targets",
+    "targets",
+]

@@ -1,38 +1,34 @@
-"""The ``msnhnet`` target: what the MsnhNet writer lowers, with the writer's own checks.
+"""The ``msnhnet`` target: what MsnhNet computes exactly, by the measured runtime semantics.
 
-The op map is built from the writer's rule table, and every check is the writer's check,
-so the profile and the lowering cannot disagree. Not accepted (left to decomposition
-rules or refused): 3-D convolutions, instance/layer/group norm, gelu, log_softmax,
-broadcasting element-wise ops, softmax anywhere but the output, ``pow`` with a non-integer
-exponent on possibly negative values, reflect/replicate padding, non-divisible adaptive
-pooling, bilinear resizing by non-exact scale factors, reductions over the batch axis.
+The op checks are :data:`.msnhnet_checks.CHECKS`; the MsnhNet writer lowers exactly those
+ops. Not accepted (left to decomposition rules or refused): 3-D convolutions,
+instance/layer/group norm, gelu, log_softmax, broadcasting element-wise ops, softmax anywhere
+but the output, ``pow`` with a non-integer exponent on possibly negative values,
+reflect/replicate padding, non-divisible adaptive pooling, bilinear resizing by non-exact
+scale factors, reductions over the batch axis. Model-level limits: one input of rank 2 to 4,
+one output.
 """
 
 from __future__ import annotations
 
-from deployplug.capture import Graph, Node
-from deployplug.exporters.msnhnet.ops import RULES
-from deployplug.profiles import NodeCheck, TargetProfile, register_target
+from deployplug.profiles.base import Limits, TargetProfile
+from deployplug.profiles.msnhnet_checks import CHECKS, graph_limits
 
+MSNHNET_LIMITS = Limits(broadcast="none")
 
-def _checker(op: str) -> NodeCheck:
-    check = RULES[op].check
+DEFAULT_HINT = ("rewrite it into ops MsnhNet has: dp.decompose(model, example_input, 'msnhnet') "
+                "applies every built-in rule, and dp.check(model, example_input, 'msnhnet') "
+                "lists what remains; or export this model to ONNX instead")
 
-    def run(node: Node, graph: Graph) -> str | None:
-        return check(node, graph)
-
-    run.__doc__ = f"MsnhNet limits for {op}"
-    return run
-
-
-MSNHNET = register_target(
-    TargetProfile(
-        name="msnhnet",
-        format="msnhnet",
-        description=(
-            "MsnhNet .msnhnet/.msnhbin, checked by the numpy reference runtime that follows "
-            "the measured C++ semantics"
-        ),
-        ops={op: _checker(op) for op in sorted(RULES)},
-    )
+MSNHNET = TargetProfile(
+    name="msnhnet",
+    format="msnhnet",
+    description=(
+        "MsnhNet .msnhnet/.msnhbin, checked by the numpy reference runtime that follows "
+        "the measured C++ semantics"
+    ),
+    ops=CHECKS,
+    limits=MSNHNET_LIMITS,
+    default_hint=DEFAULT_HINT,
+    graph_check=graph_limits,
 )

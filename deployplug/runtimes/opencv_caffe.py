@@ -23,7 +23,7 @@ from google.protobuf import text_format
 
 from deployplug.capture import Graph, evaluate
 from deployplug.errors import ArtifactFormatError
-from deployplug.exporters.caffe.lower import nearest_deconv_param
+from deployplug.exporters.caffe.net import nearest_deconv_param
 from deployplug.exporters.caffe.writer import fill, read_caffemodel, read_prototxt
 from deployplug.limits import INT32_MAX, current
 from deployplug.runtimes import caffe_bounds

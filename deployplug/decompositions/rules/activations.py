@@ -1,14 +1,12 @@
-"""Activations as compositions of ReLU, Sigmoid, Exp, Pow and scalar/elementwise arithmetic.
+"""GELU and Mish, which neither Caffe nor MsnhNet has, from ReLU, Sigmoid, Exp and Pow.
 
-Every rule here is offered to every target but fires only where the target profile refuses
-the op, so a target that has ``hardswish`` keeps it. The compositions use scalar ``add`` and
-``mul`` only (no ``sub``/``div``), which map to Caffe's Power/Scale and MsnhNet's constant
-ops.
+The rules fire only where the target refuses the op, and use scalar ``add`` and ``mul`` only
+(no ``sub``/``div``), which map to Caffe's Power/Scale and MsnhNet's constant ops. The
+piecewise-linear activations (relu6, hardtanh, clamp, hardsigmoid, hardswish) and SiLU have
+no rule here: every shipped writer expresses them (Caffe composes them from ReLU, Power and
+Eltwise in its lowering; MsnhNet has them as activations), so a rule would be a second copy
+that no target ever asks for.
 
-* ``clamp(x, lo, hi)``: ``lo + relu(x - lo)`` then ``hi - relu(hi - y)``; a branch whose
-  bound is inactive returns the bound itself (exact), the other rounds once (<= 1 ulp of
-  the bound). ``relu6``, ``hardtanh``, ``hardsigmoid`` and ``hardswish`` reduce to it.
-* ``silu(x) = x * sigmoid(x)``.
 * ``gelu`` (erf form) needs erf, which none of these targets has. Rewritten as
   ``relu(x) - |x|/2 * erfc(|x|/sqrt(2))`` with Abramowitz & Stegun 7.1.26 for erfc on a
   non-negative argument (|error| <= 1.5e-7) and ``|x| = relu(x) + relu(-x)``; the error is
@@ -25,45 +23,13 @@ import torch
 from torch import nn
 
 from deployplug.capture import Graph, Node
+from deployplug.decompositions.examples import A, aten_node, examples
 from deployplug.decompositions.registry import register_rule
-from deployplug.decompositions.rules._common import is_number
+from deployplug.profiles import TargetProfile
 
 # Abramowitz & Stegun 7.1.26.
 _P = 0.3275911
 _A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-
-
-def clamp_by_relu(x: torch.Tensor, lo: float | None, hi: float | None) -> torch.Tensor:
-    if lo is not None:
-        x = torch.relu(x) if lo == 0 else torch.relu(x + (-lo)) + lo
-    if hi is not None:
-        x = torch.relu(x * -1.0 + hi) * -1.0 + hi
-    return x
-
-
-class Clamp(nn.Module):
-    def __init__(self, lo: float | None, hi: float | None):
-        super().__init__()
-        self.lo = None if lo is None else float(lo)
-        self.hi = None if hi is None else float(hi)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return clamp_by_relu(x, self.lo, self.hi)
-
-
-class HardSigmoid(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return clamp_by_relu(x * (1.0 / 6.0) + 0.5, 0.0, 1.0)
-
-
-class HardSwish(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * clamp_by_relu(x * (1.0 / 6.0) + 0.5, 0.0, 1.0)
-
-
-class SiLU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(x)
 
 
 class GeluErf(nn.Module):
@@ -93,38 +59,19 @@ class Mish(nn.Module):
         return x + x * torch.pow(u * u + 1.0, -1.0) * -2.0
 
 
-def _numeric_bounds(node: Node, graph: Graph) -> bool:
-    a = node.args
-    keys = ("min", "max") if node.op == "clamp" else ("min_val", "max_val")
-    return all(a.get(k) is None or is_number(a.get(k)) for k in keys)
+_X = torch.linspace(-6.0, 6.0, 24).reshape(1, 2, 3, 4)
+_ATEN = torch.ops.aten
 
-
-def _clamp(node: Node, graph: Graph) -> nn.Module:
-    a = node.args
-    if node.op == "relu6":
-        return Clamp(0.0, 6.0)
-    if node.op == "hardtanh":
-        return Clamp(a["min_val"], a["max_val"])
-    return Clamp(a.get("min"), a.get("max"))
-
-
-for _op in ("relu6", "hardtanh", "clamp"):
-    register_rule(name=f"{_op}_by_relu", op=_op, predicate=_numeric_bounds, priority=10,
-                  description="clamp as ReLU with scalar add/mul",
-                  requires="constant (numeric) bounds")(_clamp)
-
-register_rule(name="hardsigmoid_by_relu", op="hardsigmoid", priority=10,
-              description="clamp(x/6 + 1/2, 0, 1) by ReLU")(lambda n, g: HardSigmoid())
-register_rule(name="hardswish_by_relu", op="hardswish", priority=10,
-              description="x * hardsigmoid(x) by ReLU")(lambda n, g: HardSwish())
-register_rule(name="silu_by_sigmoid", op="silu", priority=10,
-              description="x * sigmoid(x)")(lambda n, g: SiLU())
 register_rule(name="mish_by_exp", op="mish", priority=10,
-              description="x - 2x / ((1 + e^x)^2 + 1)")(lambda n, g: Mish())
+              description="x - 2x / ((1 + e^x)^2 + 1)",
+              examples=examples(lambda: aten_node(_ATEN.mish.default, [_X], A(0))))(
+    lambda n, g, t: Mish())
 
 
 @register_rule(name="gelu_by_exp", op="gelu", priority=10,
                description="erf GELU via Abramowitz-Stegun 7.1.26; tanh GELU via sigmoid",
-               requires="approximate='none' or 'tanh'")
-def build_gelu(node: Node, graph: Graph) -> nn.Module:
+               examples=examples(lambda: aten_node(_ATEN.gelu.default, [_X], A(0)),
+                                 lambda: aten_node(_ATEN.gelu.default, [_X], A(0),
+                                                   approximate="tanh")))
+def build_gelu(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     return GeluTanh() if node.args.get("approximate", "none") == "tanh" else GeluErf()

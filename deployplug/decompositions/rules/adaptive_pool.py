@@ -7,7 +7,8 @@
   axes) are an average pool over the reduced axes; ``sum`` multiplies by the element count.
 
 Windows over the target's pooling limit are split into stages by the pooling rule on the
-next decomposition round.
+next decomposition round. Which targets lack a spatial reduction is their business
+(``limits.spatial_reductions``); these rules only say how.
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node
-from deployplug.decompositions.registry import register_rule
-from deployplug.decompositions.rules._common import in_shape, pair
+from deployplug.decompositions.examples import A, aten_node, examples
+from deployplug.decompositions.registry import needs, register_rule
+from deployplug.ops.attrs import in_shape, reduce_dims
+from deployplug.profiles import TargetProfile
+
+_ATEN = torch.ops.aten
+_MAP = torch.arange(2 * 48 * 48, dtype=torch.float32).reshape(1, 2, 48, 48)
 
 
 class AvgPoolBins(nn.Module):
@@ -35,7 +41,7 @@ class AvgPoolBins(nn.Module):
         return y if tuple(y.shape) == self.out_shape else y.reshape(self.out_shape)
 
 
-def _even_bins(node: Node, graph: Graph) -> bool:
+def _even_bins(node: Node, graph: Graph, target: TargetProfile) -> bool:
     shape = in_shape(node, graph)
     if len(shape) != 4:
         return False
@@ -44,10 +50,12 @@ def _even_bins(node: Node, graph: Graph) -> bool:
 
 
 @register_rule(name="adaptive_avg_pool2d_as_avg_pool", op="adaptive_avg_pool2d",
-               predicate=_even_bins, priority=10,
+               check=needs(_even_bins, "input H, W divisible by the output size"), priority=10,
                description="adaptive average pooling with equal bins as avg_pool2d",
-               requires="input H, W divisible by the output size")
-def build_adaptive(node: Node, graph: Graph) -> nn.Module:
+               examples=examples(
+                   lambda: aten_node(_ATEN.adaptive_avg_pool2d.default, [_MAP], A(0), [1, 1]),
+                   lambda: aten_node(_ATEN.adaptive_avg_pool2d.default, [_MAP], A(0), [2, 1])))
+def build_adaptive(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     h, w = in_shape(node, graph)[2:]
     oh, ow = node.shape[2:]
     return AvgPoolBins((h // oh, w // ow), node.shape)
@@ -56,13 +64,13 @@ def build_adaptive(node: Node, graph: Graph) -> nn.Module:
 def _spatial_dims(node: Node, graph: Graph) -> set[int] | None:
     shape = in_shape(node, graph)
     dims = node.args.get("dim")
-    if len(shape) != 4 or dims is None or node.args.get("dtype") is not None:
+    if len(shape) != 4 or not dims or node.args.get("dtype") is not None:
         return None
-    axes = {d % 4 for d in pair(dims, 1)} if dims else set()
-    return axes if axes and axes <= {2, 3} else None
+    axes = set(reduce_dims(node, graph)[0])
+    return axes if axes <= {2, 3} else None
 
 
-def _build_reduction(node: Node, graph: Graph) -> nn.Module:
+def _build_reduction(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     h, w = in_shape(node, graph)[2:]
     axes = _spatial_dims(node, graph)
     kernel = (h if 2 in axes else 1, w if 3 in axes else 1)
@@ -70,9 +78,15 @@ def _build_reduction(node: Node, graph: Graph) -> nn.Module:
     return AvgPoolBins(kernel, node.shape, scale)
 
 
+def _reduction_examples(op: str):
+    overload = _ATEN.mean.dim if op == "mean" else _ATEN.sum.dim_IntList
+    return examples(lambda: aten_node(overload, [_MAP], A(0), [2, 3], True),
+                    lambda: aten_node(overload, [_MAP], A(0), [-1]))
+
+
 for _op in ("mean", "sum"):
     register_rule(name=f"{_op}_hw_as_avg_pool", op=_op,
-                  predicate=lambda n, g: _spatial_dims(n, g) is not None, priority=10,
-                  description=f"{_op} over H and/or W as an average pool",
-                  requires="a 4-D input reduced over H and/or W only, no dtype cast")(
-        _build_reduction)
+                  check=needs(lambda n, g, t: _spatial_dims(n, g) is not None,
+                              "a 4-D input reduced over H and/or W only, no dtype cast"),
+                  priority=10, description=f"{_op} over H and/or W as an average pool",
+                  examples=_reduction_examples(_op))(_build_reduction)

@@ -1,14 +1,14 @@
 """Elementwise arithmetic a target cannot run as written.
 
-* ``x + c``, ``x - c``, ``c - x``, ``x * c``, ``x / c`` with a scalar or per-channel constant
-  are one affine map per channel: a depthwise 1x1 conv (weight = scale, bias = shift). It is
-  exact for add/sub/mul (``1*x + c``, ``c*x + 0``); division becomes multiplication by the
-  reciprocal (one rounding, <= 1 ulp).
+* ``rsub(x, c)`` (``c - alpha * x``) with a per-channel constant, which Caffe's Power cannot
+  take, is one affine map per channel: a depthwise 1x1 conv (weight = scale, bias = shift),
+  exact. (The same map for add/sub/mul/div is what the writers emit themselves.)
 * Two activations whose shapes differ only by a 1x1 map (SE-style ``x * s``): the small one
   is repeated to the map's size by an integer nearest upsample, which targets without
   broadcasting (MsnhNet's varop) have.
-* Caffe and om broadcast a *product* by a per-channel ``(N, C, 1, 1)`` tensor (two-bottom
-  Scale) but not a sum. There ``x - m`` becomes ``x - (x * 0 + 1) * m``: ``x * 0 + 1`` is an
+* Targets that broadcast only a *product* by a per-channel ``(N, C, 1, 1)`` tensor
+  (``limits.broadcast == "channel_product"``: Caffe's two-bottom Scale) but not a sum. There
+  ``x - m`` becomes ``x - (x * 0 + 1) * m``: ``x * 0 + 1`` is an
   all-ones map (Caffe Power layers) and the product broadcasts, so no resize is needed
   (cheaper than the upsample: InstanceNorm's mean subtraction is exactly this case).
   ``pow(x, 0)`` would be one layer but measured ~5x slower in onnxruntime. Caveat: an
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node, Ref
-from deployplug.decompositions.registry import register_rule
-from deployplug.decompositions.rules._common import is_number
-
-ARITH_OPS = ("add", "sub", "rsub", "mul", "div")
+from deployplug.decompositions.examples import A, aten_node, examples
+from deployplug.decompositions.registry import needs, register_rule
+from deployplug.ops.attrs import channel_vector
+from deployplug.profiles import TargetProfile
 
 
 def _split(node: Node) -> tuple[Ref, object, bool] | None:
@@ -38,27 +38,17 @@ def _split(node: Node) -> tuple[Ref, object, bool] | None:
     return None
 
 
-def _per_channel(value: object, channels: int, rank: int) -> torch.Tensor | None:
-    """The constant as ``channels`` float64 values, if it broadcasts per channel only."""
-    if is_number(value):
-        return torch.full((channels,), float(value), dtype=torch.float64)
-    if not isinstance(value, torch.Tensor) or value.dim() > rank or not value.is_floating_point():
-        return None
-    shape = (1,) * (rank - value.dim()) + tuple(value.shape)
-    if shape[0] != 1 or any(s != 1 for s in shape[2:]) or shape[1] not in (1, channels):
-        return None
-    return value.detach().reshape(-1).to(torch.float64).expand(channels).clone()
-
-
 def _affine(node: Node, graph: Graph) -> tuple[torch.Tensor, torch.Tensor] | None:
     split = _split(node)
-    if split is None:
+    if split is None or node.args.get("rounding_mode") is not None:
         return None
     act, const, act_first = split
     shape = graph.shape_of(act.name)
     if len(shape) not in (2, 4) or tuple(node.shape or ()) != tuple(shape):
         return None
-    c = _per_channel(const, shape[1], len(shape))
+    if isinstance(const, torch.Tensor) and not const.is_floating_point():
+        return None
+    c = channel_vector(const, shape)
     if c is None:
         return None
     alpha = float(node.args.get("alpha", 1))
@@ -91,8 +81,10 @@ class ChannelAffine(nn.Module):
         return F.conv2d(x, self.weight, self.bias, groups=self.weight.shape[0])
 
 
-def _build_affine(node: Node, graph: Graph) -> nn.Module:
-    scale, shift = _affine(node, graph)
+def _build_affine(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
+    found = _affine(node, graph)
+    assert found is not None
+    scale, shift = found
     return ChannelAffine(scale, shift, node.dtype or torch.float32)
 
 
@@ -134,8 +126,10 @@ def _broadcast_plan(node: Node, graph: Graph) -> tuple[int, tuple[int, int]] | N
     return None
 
 
-def _build_broadcast(node: Node, graph: Graph) -> nn.Module:
-    small, hw = _broadcast_plan(node, graph)
+def _build_broadcast(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
+    plan = _broadcast_plan(node, graph)
+    assert plan is not None
+    small, hw = plan
     same = node.args["self"] == node.args["other"]
     return BroadcastByUpsample(node.op, small, hw, float(node.args.get("alpha", 1)), same)
 
@@ -156,32 +150,65 @@ class BroadcastByOnes(nn.Module):
         return a - b * self.alpha if self.alpha != 1 else a - b
 
 
-def _build_ones(node: Node, graph: Graph) -> nn.Module:
-    small, _ = _broadcast_plan(node, graph)
+def _build_ones(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
+    plan = _broadcast_plan(node, graph)
+    assert plan is not None
+    small, _ = plan
     return BroadcastByOnes(node.op, small, float(node.args.get("alpha", 1)))
 
 
-def _two_distinct_broadcast(node: Node, graph: Graph) -> bool:
-    return node.op in ("add", "sub") and _broadcast_plan(node, graph) is not None and (
-        node.args["self"] != node.args["other"])
+def _two_distinct_broadcast(node: Node, graph: Graph, target: TargetProfile) -> bool:
+    return (target.limits.broadcast == "channel_product" and node.op in ("add", "sub")
+            and _broadcast_plan(node, graph) is not None
+            and node.args["self"] != node.args["other"])
+
+
+_ATEN = torch.ops.aten
+_MAP = torch.linspace(-3.0, 3.0, 2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+_FLAT = torch.linspace(-3.0, 3.0, 2 * 3).reshape(2, 3)
+_DOT = torch.linspace(0.5, 2.0, 2 * 3).reshape(2, 3, 1, 1)
+_PER_CHANNEL = torch.tensor([0.5, -2.0, 3.0]).reshape(3, 1, 1)
+
+
+def _binary(op: str, *args: object):
+    overload = getattr(_ATEN, op).Tensor
+    acts = [_MAP, _DOT]
+    return lambda: aten_node(overload, acts, *args)
+
+
+def _constant_examples(op: str):
+    """A per-channel constant (what Caffe's scalar-only Power refuses), 4-D and 2-D."""
+    overload = getattr(_ATEN, op).Tensor
+    return examples(lambda: aten_node(overload, [_MAP], A(0), _PER_CHANNEL),
+                    lambda: aten_node(overload, [_FLAT], A(0), _PER_CHANNEL.reshape(3)))
 
 
 for _op in ("add", "sub"):
-    register_rule(name=f"{_op}_broadcast_by_ones", op=_op, predicate=_two_distinct_broadcast,
-                  targets=frozenset({"caffe", "om"}), priority=5,
+    register_rule(name=f"{_op}_broadcast_by_ones", op=_op,
+                  check=needs(_two_distinct_broadcast,
+                              "a target that broadcasts products only, and two distinct 4-D "
+                              "activations with equal N, C, one of them 1x1"),
+                  priority=5,
                   description="1x1-map operand spread by (x * 0 + 1) * s (broadcast product)",
-                  requires="two distinct 4-D activations with equal N, C, one of them 1x1")(
+                  examples=examples(_binary(_op, A(0), A(1)), _binary(_op, A(1), A(0))))(
         _build_ones)
-for _op in ARITH_OPS:
+# Only rsub: a scalar or per-channel constant with add/sub/mul/div is a layer of every
+# shipped writer already (Caffe Power/Scale, MsnhNet varop/batchnorm), so a rule for them
+# would be a second copy of that composition that no target asks for.
+for _op in ("rsub",):
     register_rule(name=f"{_op}_constant_as_channel_affine", op=_op,
-                  predicate=lambda n, g: _affine(n, g) is not None, priority=10,
+                  check=needs(lambda n, g, t: _affine(n, g) is not None,
+                              "one activation (2-D or 4-D, not expanded by the constant) and a "
+                              "scalar or per-channel constant"),
+                  priority=10,
                   description="arithmetic with a scalar/per-channel constant as a 1x1 "
                               "depthwise conv",
-                  requires=("one activation (2-D or 4-D, not expanded by the constant) and a "
-                            "scalar or per-channel constant"))(_build_affine)
+                  examples=_constant_examples(_op))(_build_affine)
 for _op in ("add", "sub", "mul", "div"):
     register_rule(name=f"{_op}_broadcast_by_upsample", op=_op,
-                  predicate=lambda n, g: _broadcast_plan(n, g) is not None, priority=10,
+                  check=needs(lambda n, g, t: _broadcast_plan(n, g) is not None,
+                              "two 4-D activations with equal N, C, one of them 1x1"),
+                  priority=10,
                   description="1x1-map operand repeated by nearest upsample, then elementwise",
-                  requires="two 4-D activations with equal N, C, one of them 1x1")(
+                  examples=examples(_binary(_op, A(0), A(1)), _binary(_op, A(1), A(0))))(
         _build_broadcast)

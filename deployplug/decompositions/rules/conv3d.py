@@ -1,4 +1,4 @@
-"""Conv3d as Conv2d over (channel, depth tap) pairs; BatchNorm on non-4-D maps as 2-D BatchNorm.
+"""Conv3d as Conv2d over (channel, depth tap) pairs.
 
 Why this form: a 3-D convolution is, for each output depth, a 2-D convolution whose input
 channels are the (channel, depth tap) pairs it reads. A contiguous depth slice
@@ -23,8 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node
-from deployplug.decompositions.registry import register_rule
-from deployplug.decompositions.rules._common import in_shape, pair
+from deployplug.decompositions.examples import A, aten_node, examples
+from deployplug.decompositions.registry import needs, register_rule
+from deployplug.ops.attrs import in_shape, pair
+from deployplug.ops.sizes import conv_out
+from deployplug.profiles import TargetProfile
+
+_ATEN = torch.ops.aten
+_VOLUME = torch.linspace(-1.0, 1.0, 2 * 3 * 4 * 4).reshape(1, 2, 3, 4, 4)
 
 
 class Conv3dAsConv2d(nn.Module):
@@ -34,12 +40,12 @@ class Conv3dAsConv2d(nn.Module):
                  dilation, groups: int, depth: int):
         super().__init__()
         out_ch, cin_g, kd, kh, kw = weight.shape
-        sd, self.sh, self.sw = pair(stride, 3)
-        pd, self.ph, self.pw = pair(padding, 3)
-        dd, self.dh, self.dw = pair(dilation, 3)
+        sd, self.sh, self.sw = pair(stride, 3, name="conv3d stride")
+        pd, self.ph, self.pw = pair(padding, 3, name="conv3d padding")
+        dd, self.dh, self.dw = pair(dilation, 3, name="conv3d dilation")
         self.groups = groups
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        out_depth = (depth + 2 * pd - dd * (kd - 1) - 1) // sd + 1
+        out_depth = conv_out(depth, kd, sd, pd, d=dd)
         # Per output depth: the input depths it reads and the weight buffer for those taps.
         self.plan: list[tuple[tuple[int, ...], str]] = []
         weights: dict[tuple[int, ...], str] = {}
@@ -70,14 +76,16 @@ class Conv3dAsConv2d(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-def _is_5d(node: Node, graph: Graph) -> bool:
-    return len(in_shape(node, graph)) == 5
+def _is_5d(node: Node, graph: Graph, target: TargetProfile) -> bool:
+    return len(in_shape(node, graph)) == 5 and not isinstance(node.args.get("padding", 0), str)
 
 
-@register_rule(name="conv3d_as_conv2d", op="conv3d", predicate=_is_5d, priority=10,
+@register_rule(name="conv3d_as_conv2d", op="conv3d",
+               check=needs(_is_5d, "a batched 5-D input and numeric padding"), priority=10,
                description="Conv2d per output depth over depth taps gathered into channels",
-               requires="a batched 5-D input")
-def build_conv3d(node: Node, graph: Graph) -> nn.Module:
+               examples=examples(lambda: aten_node(
+                   _ATEN.conv3d.default, [_VOLUME], A(0), torch.ones(3, 2, 2, 3, 3))))
+def build_conv3d(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     a = node.args
     return Conv3dAsConv2d(a["weight"], a.get("bias"), a["stride"], a["padding"], a["dilation"],
                           a["groups"], in_shape(node, graph)[2])
@@ -99,19 +107,3 @@ class BatchNormAs2d(nn.Module):
         flat = x.reshape(shape[0], shape[1], shape[2] if x.dim() > 2 else 1, -1)
         y = F.batch_norm(flat, self.mean, self.var, self.weight, self.bias, False, 0.0, self.eps)
         return y.reshape(shape)
-
-
-def _bn_not_4d(node: Node, graph: Graph) -> bool:
-    a = node.args
-    return (len(in_shape(node, graph)) in (2, 3, 5)
-            and isinstance(a.get("running_mean"), torch.Tensor)
-            and isinstance(a.get("running_var"), torch.Tensor))
-
-
-@register_rule(name="batch_norm_as_2d", op="batch_norm", predicate=_bn_not_4d, priority=10,
-               description="BatchNorm1d/3d (eval) as a 4-D BatchNorm on a reshaped view",
-               requires="eval-mode running statistics and a 2-, 3- or 5-D input")
-def build_batch_norm(node: Node, graph: Graph) -> nn.Module:
-    a = node.args
-    return BatchNormAs2d(a["running_mean"], a["running_var"], a.get("weight"), a.get("bias"),
-                         a["eps"])

@@ -15,8 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node
-from deployplug.decompositions.registry import register_rule
-from deployplug.decompositions.rules._common import in_shape, pair
+from deployplug.decompositions.examples import A, aten_node, examples
+from deployplug.decompositions.registry import needs, register_rule
+from deployplug.ops.attrs import in_shape, pair
+from deployplug.profiles import TargetProfile
+
+_ATEN = torch.ops.aten
 
 
 class ConvTransposeCropped(nn.Module):
@@ -25,8 +29,10 @@ class ConvTransposeCropped(nn.Module):
     def __init__(self, weight, bias, stride, padding, output_padding, groups, dilation,
                  out_hw: tuple[int, int]):
         super().__init__()
-        p, op = pair(padding), pair(output_padding)
-        self.stride, self.dilation, self.groups = pair(stride), pair(dilation), groups
+        p = pair(padding, name="padding")
+        op = pair(output_padding, name="output_padding")
+        self.stride = pair(stride, name="stride")
+        self.dilation, self.groups = pair(dilation, name="dilation"), groups
         self.conv_padding = tuple(max(pi - oi, 0) for pi, oi in zip(p, op))
         self.extra = tuple(max(oi - pi, 0) for pi, oi in zip(p, op))
         self.start = tuple(op)
@@ -49,15 +55,19 @@ class ConvTransposeCropped(nn.Module):
         return y
 
 
-def _has_output_padding(node: Node, graph: Graph) -> bool:
-    return any(pair(node.args.get("output_padding", 0))) and len(in_shape(node, graph)) == 4
+def _has_output_padding(node: Node, graph: Graph, target: TargetProfile) -> bool:
+    return (any(pair(node.args.get("output_padding", 0), name="output_padding"))
+            and len(in_shape(node, graph)) == 4)
 
 
 @register_rule(name="conv_transpose2d_crop", op="conv_transpose2d",
-               predicate=_has_output_padding, priority=10,
+               check=needs(_has_output_padding, "a 4-D input and a non-zero output_padding"),
+               priority=10,
                description="transposed conv without output_padding + exact crop/pad",
-               requires="a 4-D input and a non-zero output_padding")
-def build_conv_transpose(node: Node, graph: Graph) -> nn.Module:
+               examples=examples(lambda: aten_node(
+                   _ATEN.conv_transpose2d.input, [torch.ones(1, 2, 3, 4)], A(0),
+                   torch.ones(2, 3, 3, 3), None, [2, 2], [1, 1], [1, 1])))
+def build_conv_transpose(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     a = node.args
     return ConvTransposeCropped(a["weight"], a.get("bias"), a["stride"], a["padding"],
                                 a["output_padding"], a["groups"], a["dilation"],

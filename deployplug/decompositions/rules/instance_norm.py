@@ -6,8 +6,8 @@ global average pooling. ``mean = gap(x)``, ``var = gap((x - mean)^2)`` and the s
 ~2x native in onnxruntime against ~5x for the pool-and-upsample construction
 (docs/benchmarks-decompose.md). ``(var + eps) ** -0.5`` is a single power op (Caffe
 ``Power``). Targets without broadcasting get it through the broadcast rule, and targets that
-cap pooling windows (om: 32) get the global pooling split into stages by the adaptive-pool
-rule; the decomposition pass applies both on its next round.
+cap pooling windows (``limits.max_pool_window``, om: 32) get the global pooling split into
+stages by the adaptive-pool rule; the decomposition pass applies both on its next round.
 
 Accuracy: exact maths, fp32 error ~1e-7 of the output on ordinary inputs. For inputs whose
 mean dwarfs their spread (|mean|/std ~ 1e3) the error grows like eps * |mean| / std, about
@@ -21,9 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node
-from deployplug.decompositions.registry import register_rule
-from deployplug.decompositions.rules._common import in_shape
+from deployplug.decompositions.examples import A, aten_node, examples
+from deployplug.decompositions.registry import needs, register_rule
 from deployplug.decompositions.rules.conv3d import BatchNormAs2d
+from deployplug.ops.attrs import in_shape
+from deployplug.profiles import TargetProfile
+
+_ATEN = torch.ops.aten
+_MAP = torch.linspace(-2.0, 2.0, 2 * 2 * 3 * 4).reshape(2, 2, 3, 4)
 
 
 def _channel_view(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -55,30 +60,39 @@ class InstanceNormBroadcast(nn.Module):
         return y.squeeze(3) if flat else y
 
 
-def _input_stats(node: Node, graph: Graph) -> bool:
+def _input_stats(node: Node, graph: Graph, target: TargetProfile) -> bool:
     return bool(node.args.get("use_input_stats", True)) and len(in_shape(node, graph)) in (3, 4)
 
 
-def _running_stats(node: Node, graph: Graph) -> bool:
+def _running_stats(node: Node, graph: Graph, target: TargetProfile) -> bool:
     a = node.args
     return (not a.get("use_input_stats", True)
             and isinstance(a.get("running_mean"), torch.Tensor)
             and isinstance(a.get("running_var"), torch.Tensor))
 
 
-@register_rule(name="instance_norm_broadcast", op="instance_norm", predicate=_input_stats,
+def _instance_norm(use_input_stats: bool):
+    stats = (torch.zeros(2), torch.ones(2)) if not use_input_stats else (None, None)
+    return lambda: aten_node(_ATEN.instance_norm.default, [_MAP], A(0), torch.ones(2),
+                             torch.zeros(2), *stats, use_input_stats, 0.1, 1e-5, False)
+
+
+@register_rule(name="instance_norm_broadcast", op="instance_norm",
+               check=needs(_input_stats, "input statistics (use_input_stats) on a 3-D or 4-D "
+                           "input"),
                priority=10,
                description="global average pooling + broadcast statistics + per-channel scale",
-               requires="input statistics (use_input_stats) on a 3-D or 4-D input")
-def build_instance_norm(node: Node, graph: Graph) -> nn.Module:
+               examples=examples(_instance_norm(True)))
+def build_instance_norm(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     a = node.args
     return InstanceNormBroadcast(a.get("weight"), a.get("bias"), a["eps"])
 
 
-@register_rule(name="instance_norm_running_stats", op="instance_norm", predicate=_running_stats,
+@register_rule(name="instance_norm_running_stats", op="instance_norm",
+               check=needs(_running_stats, "use_input_stats=False with running statistics"),
                priority=10, description="running-statistics InstanceNorm as a BatchNorm",
-               requires="use_input_stats=False with running statistics")
-def build_instance_norm_running(node: Node, graph: Graph) -> nn.Module:
+               examples=examples(_instance_norm(False)))
+def build_instance_norm_running(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     a = node.args
     return BatchNormAs2d(a["running_mean"], a["running_var"], a.get("weight"), a.get("bias"),
                          a["eps"])

@@ -18,21 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node
-from deployplug.decompositions.registry import register_rule
-from deployplug.decompositions.rules._common import in_shape
+from deployplug.decompositions.examples import A, aten_node, examples
+from deployplug.decompositions.registry import needs, register_rule
+from deployplug.ops.attrs import in_shape, pad_spec
+from deployplug.profiles import TargetProfile
 
-
-def _pads(node: Node) -> list[int]:
-    return list(node.args.get("pad") or node.args.get("padding") or [])
-
-
-def _mode(node: Node) -> str:
-    return node.args.get("mode", "constant") if node.op == "pad" else "constant"
-
-
-def _value(node: Node) -> float:
-    value = node.args.get("value")
-    return 0.0 if value is None else float(value)
+_ATEN = torch.ops.aten
+_MAP = torch.arange(2 * 5 * 6, dtype=torch.float32).reshape(1, 2, 5, 6)
 
 
 class SymmetricPadCrop(nn.Module):
@@ -58,23 +50,23 @@ class SymmetricPadCrop(nn.Module):
         return x[:, :, sh:sh + oh, sw:sw + ow]
 
 
-def _spatial_only(node: Node, graph: Graph) -> bool:
-    pads = _pads(node)
-    shape = in_shape(node, graph)
-    if len(shape) != 4 or (len(pads) not in (2, 4) and any(pads[4:])):
+def _spatial_only(node: Node, graph: Graph, target: TargetProfile) -> bool:
+    spec = pad_spec(node, graph)
+    if spec.rank != 4 or not spec.only_last(2):
         return False
-    pads = (pads + [0, 0, 0, 0])[:4]
-    asymmetric = pads[0] != pads[1] or pads[2] != pads[3] or min(pads) < 0
+    left, right, top, bottom = spec.spatial
+    asymmetric = left != right or top != bottom or min(spec.spatial) < 0
     if not asymmetric:
         return False
-    if _mode(node) == "reflect":
-        h, w = shape[2:]
-        return max(pads[0], pads[1]) < w and max(pads[2], pads[3]) < h
+    if spec.mode == "reflect":
+        h, w = in_shape(node, graph)[2:]
+        return max(left, right) < w and max(top, bottom) < h
     return True
 
 
-def _build_spatial(node: Node, graph: Graph) -> nn.Module:
-    return SymmetricPadCrop(_pads(node), _mode(node), _value(node), node.shape[2:])
+def _build_spatial(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
+    spec = pad_spec(node, graph)
+    return SymmetricPadCrop(list(spec.spatial), spec.mode, spec.value, node.shape[2:])
 
 
 class ChannelPad(nn.Module):
@@ -104,23 +96,33 @@ class ChannelPad(nn.Module):
         return y
 
 
-def _channel_pad(node: Node, graph: Graph) -> bool:
-    pads = _pads(node)
-    return (len(in_shape(node, graph)) == 4 and _mode(node) == "constant" and len(pads) >= 6
-            and any(pads[4:6]) and not any(pads[6:]))
+def _channel_pad(node: Node, graph: Graph, target: TargetProfile) -> bool:
+    spec = pad_spec(node, graph)
+    return (spec.rank == 4 and spec.mode == "constant" and any(spec.axis(1))
+            and not any(spec.axis(0)))
 
 
-def _build_channel(node: Node, graph: Graph) -> nn.Module:
-    pads = _pads(node)
-    return ChannelPad(in_shape(node, graph)[1], pads[4], pads[5], _value(node), pads[:4])
+def _build_channel(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
+    spec = pad_spec(node, graph)
+    before, after = spec.axis(1)
+    return ChannelPad(in_shape(node, graph)[1], before, after, spec.value, list(spec.spatial))
+
+
+def _examples(op: str, pads: list[int]):
+    if op == "pad":
+        return lambda: aten_node(_ATEN.pad.default, [_MAP], A(0), pads, "constant", 0.5)
+    return lambda: aten_node(_ATEN.constant_pad_nd.default, [_MAP], A(0), pads, 0.5)
 
 
 for _op in ("pad", "constant_pad_nd"):
-    register_rule(name=f"{_op}_symmetric_crop", op=_op, predicate=_spatial_only, priority=10,
-                  description="asymmetric/negative H/W pad as symmetric pad + crop",
-                  requires=("a 4-D input padded on H/W only, asymmetrically (reflect: pads "
-                            "smaller than the axis)"))(_build_spatial)
-    register_rule(name=f"{_op}_channels_concat", op=_op, predicate=_channel_pad, priority=10,
-                  description="constant channel pad as zero-weight 1x1 conv + concat",
-                  requires="a 4-D input, constant mode, padding along channels only (not batch)")(
-        _build_channel)
+    register_rule(name=f"{_op}_symmetric_crop", op=_op,
+                  check=needs(_spatial_only, "a 4-D input padded on H/W only, asymmetrically "
+                              "(reflect: pads smaller than the axis)"),
+                  priority=10, description="asymmetric/negative H/W pad as symmetric pad + crop",
+                  examples=examples(_examples(_op, [1, 2, 0, 1]),
+                                    _examples(_op, [-1, 0, 1, 1])))(_build_spatial)
+    register_rule(name=f"{_op}_channels_concat", op=_op,
+                  check=needs(_channel_pad, "a 4-D input, constant mode, padding along "
+                              "channels only (not batch)"),
+                  priority=10, description="constant channel pad as zero-weight 1x1 conv + concat",
+                  examples=examples(_examples(_op, [0, 0, 0, 0, 1, 2])))(_build_channel)

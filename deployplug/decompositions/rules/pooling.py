@@ -1,4 +1,7 @@
-"""Pooling windows larger than a target allows (om: 32), as a chain of smaller poolings.
+"""Pooling windows larger than a target allows, as a chain of smaller poolings.
+
+The limit is the target's ``limits.max_pool_window`` (om: 32); a target without one never
+needs these rules.
 
 * Max pooling is always decomposable: the max over a window of ``k`` equals the max over
   ``n`` sub-windows of size ``a`` whose starts are ``d`` apart, provided they cover it
@@ -20,31 +23,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node
-from deployplug.decompositions.registry import register_rule
-from deployplug.decompositions.rules._common import in_shape, pair, split_factors
-
-KERNEL_LIMIT = 32
-
-
-def _attrs(node: Node) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    a = node.args
-    kernel = pair(a["kernel_size"])
-    stride = pair(a["stride"]) if a.get("stride") else kernel
-    return kernel, stride, pair(a.get("padding", 0))
+from deployplug.decompositions.examples import A, aten_node, examples
+from deployplug.decompositions.registry import needs, register_rule
+from deployplug.decompositions.rules._common import split_factors
+from deployplug.ops.attrs import PoolAttrs, in_shape, pool_attrs
+from deployplug.ops.sizes import torch_pool_out
+from deployplug.profiles import TargetProfile
 
 
-def _floor_out(length: int, k: int, s: int, p: int) -> int:
-    return (length + 2 * p - k) // s + 1
+def _limit(target: TargetProfile) -> int | None:
+    return target.limits.max_pool_window
 
 
-def _rounding_agrees(node: Node, graph: Graph) -> bool:
+def _rounding_agrees(node: Node, graph: Graph, pa: PoolAttrs) -> bool:
     """Ceil mode is accepted only where it gives the floor-mode size anyway."""
-    if not node.args.get("ceil_mode", False):
+    if not pa.ceil_mode:
         return True
-    kernel, stride, padding = _attrs(node)
     return tuple(node.shape[2:]) == tuple(
-        _floor_out(n, k, s, p) for n, k, s, p in zip(in_shape(node, graph)[2:], kernel, stride,
-                                                     padding))
+        torch_pool_out(n, k, s, p) for n, k, s, p in zip(in_shape(node, graph)[2:], pa.kernel,
+                                                          pa.stride, pa.padding))
 
 
 class PoolChain(nn.Module):
@@ -64,13 +61,13 @@ class PoolChain(nn.Module):
         return x[:, :, : self.out_hw[0], : self.out_hw[1]]
 
 
-def _max_axis(k: int, s: int, p: int) -> tuple[int, int, int, int] | None:
+def _max_axis(k: int, s: int, p: int, limit: int) -> tuple[int, int, int, int] | None:
     """(a, d, n, s2) for one axis, or ``None`` when no split keeps the padding legal."""
-    if k <= KERNEL_LIMIT:
+    if k <= limit:
         return k, s, 1, 1
     best = None
-    for d in sorted((d for d in range(1, min(s, KERNEL_LIMIT) + 1) if s % d == 0), reverse=True):
-        for a in range(KERNEL_LIMIT, d - 1, -1):
+    for d in sorted((d for d in range(1, min(s, limit) + 1) if s % d == 0), reverse=True):
+        for a in range(limit, d - 1, -1):
             if (k - a) % d == 0 and 2 * p <= a:
                 n = (k - a) // d + 1
                 if best is None or n < best[2]:
@@ -79,13 +76,15 @@ def _max_axis(k: int, s: int, p: int) -> tuple[int, int, int, int] | None:
     return best
 
 
-def _max_plan(node: Node, graph: Graph) -> list[dict] | None:
-    kernel, stride, padding = _attrs(node)
-    if len(in_shape(node, graph)) != 4 or max(kernel) <= KERNEL_LIMIT:
+def _max_plan(node: Node, graph: Graph, target: TargetProfile) -> list[dict] | None:
+    limit = _limit(target)
+    pa = pool_attrs(node)
+    kernel, stride, padding = pa.kernel, pa.stride, pa.padding
+    if limit is None or len(in_shape(node, graph)) != 4 or max(kernel) <= limit:
         return None
-    if any(d != 1 for d in pair(node.args.get("dilation", 1))) or not _rounding_agrees(node, graph):
+    if any(d != 1 for d in pa.dilation) or not _rounding_agrees(node, graph, pa):
         return None
-    axes = [_max_axis(k, s, p) for k, s, p in zip(kernel, stride, padding)]
+    axes = [_max_axis(k, s, p, limit) for k, s, p in zip(kernel, stride, padding)]
     if any(ax is None for ax in axes):
         return None
     (ah, dh, nh, sh), (aw, dw, nw, sw) = axes
@@ -95,35 +94,45 @@ def _max_plan(node: Node, graph: Graph) -> list[dict] | None:
     ]
 
 
+_ATEN = torch.ops.aten
+_BIG = torch.arange(2 * 96 * 96, dtype=torch.float32).reshape(1, 2, 96, 96)
+
+
 @register_rule(name="max_pool2d_split", op="max_pool2d",
-               predicate=lambda n, g: _max_plan(n, g) is not None, priority=10,
-               description="large max-pool window as max of covering sub-windows",
-               requires=(f"a kernel over {KERNEL_LIMIT}, dilation 1, padding at most half "
-                         f"of a sub-window, floor rounding (or ceil giving the same size)"))
-def build_max_pool(node: Node, graph: Graph) -> nn.Module:
-    return PoolChain("max", _max_plan(node, graph), node.shape[2:])
+               check=needs(lambda n, g, t: _max_plan(n, g, t) is not None,
+                           "a kernel over the target's window limit, dilation 1, padding at "
+                           "most half of a sub-window, floor rounding (or ceil giving the "
+                           "same size)"),
+               priority=10, description="large max-pool window as max of covering sub-windows",
+               examples=examples(lambda: aten_node(_ATEN.max_pool2d.default, [_BIG], A(0),
+                                                   [40, 40], [3, 3], [1, 1])))
+def build_max_pool(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
+    plan = _max_plan(node, graph, target)
+    assert plan is not None
+    return PoolChain("max", plan, node.shape[2:])
 
 
-def _avg_plan(node: Node, graph: Graph) -> list[dict] | None:
-    kernel, stride, padding = _attrs(node)
-    a = node.args
-    if len(in_shape(node, graph)) != 4 or max(kernel) <= KERNEL_LIMIT:
+def _avg_plan(node: Node, graph: Graph, target: TargetProfile) -> list[dict] | None:
+    limit = _limit(target)
+    pa = pool_attrs(node)
+    kernel, stride, padding = pa.kernel, pa.stride, pa.padding
+    if limit is None or len(in_shape(node, graph)) != 4 or max(kernel) <= limit:
         return None
-    if a.get("divisor_override") is not None or not _rounding_agrees(node, graph):
+    if pa.divisor_override is not None or not _rounding_agrees(node, graph, pa):
         return None
     per_axis = []
     for k, s, p in zip(kernel, stride, padding):
-        if k <= KERNEL_LIMIT:
+        if k <= limit:
             per_axis.append([(k, s, p)])
             continue
-        parts = split_factors(k, KERNEL_LIMIT)
+        parts = split_factors(k, limit)
         if s != k or p != 0 or parts is None:
             return None
         per_axis.append([(f, f, 0) for f in parts])
     depth = max(len(ax) for ax in per_axis)
     for ax in per_axis:
         ax.extend([(1, 1, 0)] * (depth - len(ax)))
-    include = bool(a.get("count_include_pad", True))
+    include = pa.count_include_pad
     return [
         {"kernel": (h[0], w[0]), "stride": (h[1], w[1]), "padding": (h[2], w[2]),
          "count_include_pad": include}
@@ -132,9 +141,15 @@ def _avg_plan(node: Node, graph: Graph) -> list[dict] | None:
 
 
 @register_rule(name="avg_pool2d_split", op="avg_pool2d",
-               predicate=lambda n, g: _avg_plan(n, g) is not None, priority=10,
+               check=needs(lambda n, g, t: _avg_plan(n, g, t) is not None,
+                           "on each axis with a kernel over the target's window limit: stride "
+                           "== kernel, no padding and a kernel that factors into parts within "
+                           "the limit"),
+               priority=10,
                description="large tiling average pool as a chain of smaller tiling pools",
-               requires=(f"on each axis with a kernel over {KERNEL_LIMIT}: stride == kernel, "
-                         f"no padding and a kernel that factors into parts <= {KERNEL_LIMIT}"))
-def build_avg_pool(node: Node, graph: Graph) -> nn.Module:
-    return PoolChain("avg", _avg_plan(node, graph), node.shape[2:])
+               examples=examples(lambda: aten_node(_ATEN.avg_pool2d.default, [_BIG], A(0),
+                                                   [48, 48], [48, 48])))
+def build_avg_pool(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
+    plan = _avg_plan(node, graph, target)
+    assert plan is not None
+    return PoolChain("avg", plan, node.shape[2:])

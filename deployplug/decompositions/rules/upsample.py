@@ -1,8 +1,8 @@
-"""Resize given by an output size (or a fractional scale) as integer-factor resizes.
+"""Nearest resizing to any size (or by a fractional scale) as integer-factor operations.
 
-* An output size that is an exact multiple of the input is the same resize as the integer
-  scale factor, for nearest and bilinear (both align_corners settings): PyTorch derives the
-  sampling positions from in/out, which equals 1/k.
+An output size that is an exact multiple of the input is the integer-factor resize itself,
+and every shipped writer reads the factor off the sizes, so no rule rewrites it.
+
 * Nearest to any other size picks source row ``floor(i * in / out)``. With
   ``g = gcd(in, out)`` that is: repeat every row ``out/g`` times (an integer nearest
   upsample, Caffe's ones-kernel Deconvolution) and keep every ``in/g``-th row (a strided 1x1
@@ -22,8 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from deployplug.capture import Graph, Node
-from deployplug.decompositions.registry import register_rule
-from deployplug.decompositions.rules._common import in_shape
+from deployplug.decompositions.examples import A, aten_node, examples
+from deployplug.decompositions.registry import needs, register_rule
+from deployplug.ops.attrs import in_shape
+from deployplug.profiles import TargetProfile
+
+_ATEN = torch.ops.aten
+_MAP = torch.linspace(-1.0, 1.0, 2 * 3 * 4).reshape(1, 2, 3, 4)
 
 # Largest intermediate map (per channel) the nearest construction may create.
 MAX_INTERMEDIATE = 1 << 22
@@ -39,40 +44,10 @@ def _integer_scales(node: Node) -> bool:
     return scales is not None and all(float(s).is_integer() for s in scales)
 
 
-def _multiple(node: Node, graph: Graph) -> bool:
-    # A fractional scale whose output happens to be a multiple still samples at 1/scale,
-    # not at in/out, so only an explicit output size qualifies.
-    if len(in_shape(node, graph)) != 4 or node.args.get("output_size") is None:
-        return False
-    (ih, iw), (oh, ow) = _sizes(node, graph)
-    return oh % ih == 0 and ow % iw == 0
-
-
-class ResizeByFactor(nn.Module):
-    """``interpolate(scale_factor=k)`` with the node's mode and align_corners."""
-
-    def __init__(self, factors: tuple[int, int], mode: str, align_corners: bool | None):
-        super().__init__()
-        self.factors = tuple(float(f) for f in factors)
-        self.mode, self.align_corners = mode, align_corners
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=self.factors, mode=self.mode,
-                             align_corners=self.align_corners)
-
-
-def _build_factor(node: Node, graph: Graph) -> nn.Module:
-    (ih, iw), (oh, ow) = _sizes(node, graph)
-    if node.op == "upsample_nearest2d":
-        return ResizeByFactor((oh // ih, ow // iw), "nearest", None)
-    return ResizeByFactor((oh // ih, ow // iw), "bilinear", bool(node.args["align_corners"]))
-
-
-for _op in ("upsample_nearest2d", "upsample_bilinear2d"):
-    register_rule(name=f"{_op}_size_to_factor", op=_op, predicate=_multiple, priority=10,
-                  description="output size that is a multiple of the input -> integer factor",
-                  requires="an output size that is an integer multiple of the input size")(
-        _build_factor)
+def _resize(op: str, size: list[int] | None, scales: list[float] | None):
+    if op == "upsample_nearest2d":
+        return lambda: aten_node(_ATEN.upsample_nearest2d.vec, [_MAP], A(0), size, scales)
+    return lambda: aten_node(_ATEN.upsample_bilinear2d.vec, [_MAP], A(0), size, False, scales)
 
 
 def _torch_rows(node: Node, graph: Graph) -> tuple[list[int], list[int]]:
@@ -137,11 +112,14 @@ class NearestResample(nn.Module):
 
 
 @register_rule(name="upsample_nearest2d_resample", op="upsample_nearest2d",
-               predicate=lambda node, graph: _plan(node, graph) is not None, priority=20,
+               check=needs(lambda node, graph, target: _plan(node, graph) is not None,
+                           f"rows floor(i*in/out) reproducible with an intermediate map of at "
+                           f"most {MAX_INTERMEDIATE} elements"),
+               priority=20,
                description="nearest to any size = integer upsample + strided identity conv",
-               requires=(f"rows floor(i*in/out) reproducible with an intermediate map of at "
-                         f"most {MAX_INTERMEDIATE} elements"))
-def build_nearest(node: Node, graph: Graph) -> nn.Module:
+               examples=examples(_resize("upsample_nearest2d", [5, 6], None),
+                                 _resize("upsample_nearest2d", None, [1.5, 1.5])))
+def build_nearest(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     plan = _plan(node, graph)
     assert plan is not None
     return NearestResample(in_shape(node, graph)[1], *plan, node.shape[2:])

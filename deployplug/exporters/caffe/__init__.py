@@ -22,13 +22,12 @@ from google.protobuf import text_format
 from torch import nn
 
 from deployplug.capture import Graph, capture
-from deployplug.errors import OffendingOp, UnsupportedOpError
 from deployplug.exporters import register_exporter
 from deployplug.exporters.base import Exporter, FormatRecord
 from deployplug.exporters.caffe import lower as lowering
 from deployplug.exporters.caffe import om_check, writer
 from deployplug.exporters.caffe.schema import messages
-from deployplug.profiles import TargetProfile, get_target
+from deployplug.profiles import TargetProfile, get_target, require_supported
 
 DIALECT_OF_TARGET = {"caffe": "bvlc", "om": "om"}
 
@@ -46,14 +45,7 @@ def capture_for_export(model: nn.Module, example_inputs: Sequence[Any]) -> Graph
 
 def check_graph(graph: Graph, target: TargetProfile) -> None:
     """Raise :class:`UnsupportedOpError` naming every node ``target`` refuses."""
-    offenders = []
-    for node in graph.nodes:
-        reason = target.refusal(node, graph)
-        if reason is not None:
-            hint = lowering.SUGGESTIONS.get(node.op, lowering._DEFAULT_HINT)
-            offenders.append(OffendingOp(node.op, node.module_path, target.name, reason, (hint,)))
-    if offenders:
-        raise UnsupportedOpError(offenders)
+    require_supported(graph, target)
 
 
 def _blob_shapes(graph: Graph, net: lowering.CaffeNet) -> dict[str, tuple[int, ...]]:

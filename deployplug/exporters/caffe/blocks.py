@@ -1,9 +1,9 @@
 """Small pieces every Caffe layer module builds with.
 
-Argument normalization (pairs, scalars, negative axes), the square-or-H/W parameter spelling
-Caffe uses, and the few layers that other lowerings compose from (Power, ReLU, a one-axis
-Slice, a batch-preserving Reshape). Kept apart from the per-op modules so that those import
-only this and :mod:`.net`, never each other's rules.
+The square-or-H/W parameter spelling Caffe uses, and the few layers that other lowerings
+compose from (Power, ReLU, a one-axis Slice, a batch-preserving Reshape). Kept apart from the
+per-op modules so that those import only this and :mod:`.net`, never each other's emitters.
+Attribute normalisation is :mod:`deployplug.ops.attrs`.
 """
 
 from __future__ import annotations
@@ -13,44 +13,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from deployplug.capture import Graph, Node
-from deployplug.exporters.caffe.net import LowerCtx
+from deployplug.capture import Node
+
+__all__ = ["first", "hw", "power", "relu", "reshape_to", "slice_axis", "to_np"]
+from deployplug.exporters.caffe.net import LowerCtx, hw
 
 
 def to_np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def pair(v: Any) -> tuple[int, int]:
-    v = list(v) if isinstance(v, (list, tuple)) else [v]
-    if len(v) == 1:
-        v = v * 2
-    return int(v[0]), int(v[1])
-
-
-def hw(prefix: str, v: tuple[int, int], scalar: str, default: int | None = None) -> dict:
-    """``kernel_size: 3`` when square, ``kernel_h/kernel_w`` otherwise (``pad``, ``stride``)."""
-    if v[0] == v[1]:
-        return {} if v[0] == default else {scalar: v[0]}
-    return {f"{prefix}_h": v[0], f"{prefix}_w": v[1]}
-
-
-def in_shape(graph: Graph, node: Node, idx: int = 0) -> tuple[int, ...]:
-    return graph.shape_of(node.inputs[idx])
-
-
 def first(node: Node) -> Any:
     return node.args.get("self", node.args.get("input"))
-
-
-def scalar(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return float(v)
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        return float(v.reshape(()).item())
-    return None
 
 
 def power(ctx: LowerCtx, node: Node, bottom: str, *, power: float = 1.0, scale: float = 1.0,
@@ -64,10 +38,6 @@ def power(ctx: LowerCtx, node: Node, bottom: str, *, power: float = 1.0, scale: 
 
 def relu(ctx: LowerCtx, node: Node, bottom: str, final: bool = False) -> str:
     return ctx.step(node, "ReLU", [bottom], final=final)
-
-
-def norm_dim(dim: int, rank: int) -> int:
-    return dim + rank if dim < 0 else dim
 
 
 def slice_axis(ctx: LowerCtx, node: Node, bottom: str, axis: int, start: int, end: int, size: int,

@@ -8,19 +8,11 @@ needed; hardsigmoid = clamp(x/6 + 1/2, 0, 1); hardswish = x * hardsigmoid(x)
 
 from __future__ import annotations
 
-import torch
-
-from deployplug.capture import Graph, Node, Ref
-from deployplug.exporters.caffe.blocks import (
-    first,
-    in_shape,
-    norm_dim,
-    power,
-    relu,
-    scalar,
-    to_np,
-)
+from deployplug.capture import Node
+from deployplug.exporters.caffe.blocks import first, power, relu, to_np
 from deployplug.exporters.caffe.net import LowerCtx, rule
+from deployplug.ops.attrs import in_shape, norm_dim
+from deployplug.profiles.caffe_checks import clamp_bounds
 
 
 @rule("relu")
@@ -35,8 +27,7 @@ def _emit_leaky(ctx: LowerCtx, node: Node) -> None:
              final=True)
 
 
-@rule("prelu", check=lambda n, g, d: None if isinstance(n.args.get("weight"), torch.Tensor)
-      else "PReLU slopes computed at run time")
+@rule("prelu")
 def _emit_prelu(ctx: LowerCtx, node: Node) -> None:
     w = node.args["weight"].reshape(-1)
     params = {"prelu_param": {"channel_shared": True}} if w.numel() == 1 else {}
@@ -63,40 +54,10 @@ def _emit_abs(ctx: LowerCtx, node: Node) -> None:
     ctx.step(node, "AbsVal", [ctx.blob(first(node))], final=True)
 
 
-def _check_elu(node: Node, graph: Graph, dialect: str) -> str | None:
-    if float(node.args.get("scale", 1)) != 1 or float(node.args.get("input_scale", 1)) != 1:
-        return "Caffe ELU has no scale/input_scale (SELU/CELU)"
-    return None
-
-
-@rule("elu", check=_check_elu)
+@rule("elu")
 def _emit_elu(ctx: LowerCtx, node: Node) -> None:
     ctx.step(node, "ELU", [ctx.blob(first(node))],
              {"elu_param": {"alpha": float(node.args.get("alpha", 1.0))}}, final=True)
-
-
-def _clamp_bounds(node: Node) -> tuple[float | None, float | None]:
-    if node.op == "relu6":
-        return 0.0, 6.0
-    if node.op == "hardtanh":
-        return float(node.args.get("min_val", -1.0)), float(node.args.get("max_val", 1.0))
-    if node.op == "clamp_min":
-        return scalar(node.args["min"]), None
-    if node.op == "clamp_max":
-        return None, scalar(node.args["max"])
-    lo, hi = node.args.get("min"), node.args.get("max")
-    return (None if lo is None else scalar(lo)), (None if hi is None else scalar(hi))
-
-
-def _check_clamp(node: Node, graph: Graph, dialect: str) -> str | None:
-    for key in ("min", "max"):
-        v = node.args.get(key)
-        if isinstance(v, Ref) or (isinstance(v, torch.Tensor) and v.numel() != 1):
-            return f"clamp with a tensor '{key}' bound is not expressible in Caffe"
-    lo, hi = _clamp_bounds(node)
-    if lo is not None and hi is not None and lo > hi:
-        return f"clamp with min {lo} > max {hi}"
-    return None
 
 
 def _clamp(ctx: LowerCtx, node: Node, x: str, lo: float | None, hi: float | None,
@@ -119,9 +80,9 @@ def _clamp(ctx: LowerCtx, node: Node, x: str, lo: float | None, hi: float | None
     return power(ctx, node, t, scale=-1.0, shift=hi, final=final)  # hi - t
 
 
-@rule("relu6", "hardtanh", "clamp", "clamp_min", "clamp_max", check=_check_clamp)
+@rule("relu6", "hardtanh", "clamp", "clamp_min", "clamp_max")
 def _emit_clamp(ctx: LowerCtx, node: Node) -> None:
-    lo, hi = _clamp_bounds(node)
+    lo, hi = clamp_bounds(node)
     _clamp(ctx, node, ctx.blob(first(node)), lo, hi, final=True)
 
 
@@ -148,15 +109,9 @@ def _emit_silu(ctx: LowerCtx, node: Node) -> None:
     ctx.step(node, "Eltwise", [x, gate], {"eltwise_param": {"operation": "PROD"}}, final=True)
 
 
-def _check_softmax(node: Node, graph: Graph, dialect: str) -> str | None:
-    if node.args.get("half_to_float"):
-        return "half_to_float softmax"
-    return None
-
-
-@rule("softmax", "_softmax", check=_check_softmax)
+@rule("softmax", "_softmax")
 def _emit_softmax(ctx: LowerCtx, node: Node) -> None:
-    rank = len(in_shape(ctx.graph, node))
+    rank = len(in_shape(node, ctx.graph))
     axis = norm_dim(int(node.args["dim"]), rank)
     ctx.step(node, "Softmax", [ctx.blob(first(node))], {"softmax_param": {"axis": axis}},
              final=True)

@@ -12,72 +12,11 @@ from typing import Any
 
 import torch
 
-from deployplug.capture import Graph, Node, Ref
-from deployplug.exporters.caffe.blocks import (
-    first,
-    power,
-    scalar,
-    to_np,
-)
+from deployplug.capture import Node, Ref
+from deployplug.exporters.caffe.blocks import first, power, to_np
 from deployplug.exporters.caffe.net import LowerCtx, rule
-
-
-def _operands(node: Node) -> tuple[Any, Any]:
-    return node.args.get("self", node.args.get("input")), node.args.get("other")
-
-
-def _channel_axis(const: torch.Tensor, out_shape: tuple[int, ...]) -> int | None:
-    """The one axis (>= 1) along which ``const`` varies when broadcast to ``out_shape``."""
-    if const.dim() > len(out_shape):
-        return None
-    shape = (1,) * (len(out_shape) - const.dim()) + tuple(const.shape)
-    varying = [i for i, s in enumerate(shape) if s != 1]
-    if len(varying) != 1 or varying[0] == 0 or shape[varying[0]] != out_shape[varying[0]]:
-        return None
-    return varying[0]
-
-
-def _prefix_broadcast(small: tuple[int, ...], big: tuple[int, ...]) -> int | None:
-    """k when ``small`` == big[:k] + ones (what a two-bottom Scale at axis 0 can broadcast)."""
-    if len(small) != len(big):
-        return None
-    k = len(small)
-    while k > 0 and small[k - 1] == 1 and big[k - 1] != 1:
-        k -= 1
-    if small[:k] != big[:k] or any(s != 1 for s in small[k:]) or k == 0:
-        return None
-    return k
-
-
-def _check_binary(node: Node, graph: Graph, dialect: str) -> str | None:
-    a, b = _operands(node)
-    if node.op == "div" and node.args.get("rounding_mode") is not None:
-        return "integer division (rounding_mode) has no Caffe layer"
-    out = tuple(node.shape or ())
-    refs = [v for v in (a, b) if isinstance(v, Ref)]
-    if not refs:
-        return "an op on constants only (fold it before export)"
-    if len(refs) == 2:
-        sa, sb = graph.shape_of(a.name), graph.shape_of(b.name)
-        if sa == sb:
-            return None
-        if node.op in ("mul", "div") and sa == out and _prefix_broadcast(sb, sa):
-            return None
-        if node.op == "mul" and sb == out and _prefix_broadcast(sa, sb):
-            return None
-        return (f"broadcasting {list(sa)} with {list(sb)}: Caffe only broadcasts a product by "
-                "a per-channel (N,C,1,1) tensor")
-    x = refs[0]
-    const = b if isinstance(a, Ref) else a
-    if graph.shape_of(x.name) != out:
-        return "the constant operand broadcasts the activation to a larger shape"
-    if scalar(const) is not None:
-        if node.op == "div" and not isinstance(a, Ref) and scalar(const) == 0:
-            return "division of zero by a tensor"
-        return None
-    if isinstance(const, torch.Tensor) and _channel_axis(const, out) is not None:
-        return None
-    return "the constant operand is neither a scalar nor a per-channel vector"
+from deployplug.ops.attrs import scalar, varying_axis
+from deployplug.profiles.caffe_checks import operands, prefix_broadcast
 
 
 def _const_rhs(ctx: LowerCtx, node: Node, x: str, const: Any, const_first: bool) -> None:
@@ -102,7 +41,7 @@ def _const_rhs(ctx: LowerCtx, node: Node, x: str, const: Any, const_first: bool)
         else:
             power(ctx, node, x, scale=1.0 / s, final=True)
         return
-    axis = _channel_axis(const, tuple(node.shape or ()))
+    axis = varying_axis(const.shape, tuple(node.shape or ()))
     vec = const.reshape(-1).to(torch.float32)
     ones = torch.ones_like(vec)
     gamma, beta = ones, None
@@ -124,9 +63,9 @@ def _const_rhs(ctx: LowerCtx, node: Node, x: str, const: Any, const_first: bool)
     ctx.step(node, "Scale", [x], {"scale_param": params}, blobs, final=True)
 
 
-@rule("add", "sub", "mul", "div", check=_check_binary)
+@rule("add", "sub", "mul", "div")
 def _emit_binary(ctx: LowerCtx, node: Node) -> None:
-    a, b = _operands(node)
+    a, b = operands(node)
     op = node.op
     if isinstance(a, Ref) and isinstance(b, Ref):
         sa, sb = ctx.graph.shape_of(a.name), ctx.graph.shape_of(b.name)
@@ -135,7 +74,7 @@ def _emit_binary(ctx: LowerCtx, node: Node) -> None:
             xb = power(ctx, node, xb, power=-1.0)
         if sa != sb:  # per-channel product: flatten the small one, two-bottom Scale at axis 0
             big, small, shape = (xa, xb, sb) if sa == tuple(node.shape) else (xb, xa, sa)
-            k = _prefix_broadcast(shape, tuple(node.shape))
+            k = prefix_broadcast(shape, tuple(node.shape))
             flat = ctx.step(node, "Reshape", [small],
                             {"reshape_param": {"shape": {"dim": list(shape[:k])}}})
             ctx.step(node, "Scale", [big, flat], {"scale_param": {"axis": 0}}, final=True)
@@ -157,13 +96,7 @@ def _emit_binary(ctx: LowerCtx, node: Node) -> None:
         _const_rhs(ctx, node, ctx.blob(b), a, const_first=True)
 
 
-def _check_rsub(node: Node, graph: Graph, dialect: str) -> str | None:
-    if not isinstance(node.args.get("self"), Ref) or scalar(node.args.get("other")) is None:
-        return "rsub with a non-scalar operand"
-    return None
-
-
-@rule("rsub", check=_check_rsub)
+@rule("rsub")
 def _emit_rsub(ctx: LowerCtx, node: Node) -> None:
     alpha = float(node.args.get("alpha", 1))
     power(ctx, node, ctx.blob(node.args["self"]), scale=-alpha,
@@ -175,13 +108,7 @@ def _emit_neg(ctx: LowerCtx, node: Node) -> None:
     power(ctx, node, ctx.blob(first(node)), scale=-1.0, final=True)
 
 
-def _check_pow(node: Node, graph: Graph, dialect: str) -> str | None:
-    if not isinstance(node.args.get("self"), Ref) or scalar(node.args.get("exponent")) is None:
-        return "only tensor ** scalar maps to Caffe Power"
-    return None
-
-
-@rule("pow", check=_check_pow)
+@rule("pow")
 def _emit_pow(ctx: LowerCtx, node: Node) -> None:
     power(ctx, node, ctx.blob(node.args["self"]), power=scalar(node.args["exponent"]),
            final=True)
@@ -193,18 +120,9 @@ def _emit_power_fn(ctx: LowerCtx, node: Node) -> None:
     power(ctx, node, ctx.blob(first(node)), power=p, final=True)
 
 
-def _check_same_shape(node: Node, graph: Graph, dialect: str) -> str | None:
-    a, b = _operands(node)
-    if not (isinstance(a, Ref) and isinstance(b, Ref)):
-        return "Eltwise MAX needs two tensors (use clamp for a constant bound)"
-    if graph.shape_of(a.name) != graph.shape_of(b.name):
-        return "Caffe Eltwise cannot broadcast"
-    return None
-
-
-@rule("maximum", "max", "minimum", "min", check=_check_same_shape)
+@rule("maximum", "max", "minimum", "min")
 def _emit_max(ctx: LowerCtx, node: Node) -> None:
-    a, b = _operands(node)
+    a, b = operands(node)
     xa, xb = ctx.blob(a), ctx.blob(b)
     if node.op in ("maximum", "max"):
         ctx.step(node, "Eltwise", [xa, xb], {"eltwise_param": {"operation": "MAX"}}, final=True)

@@ -11,56 +11,26 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deployplug.capture import Graph, Node, Ref
-from deployplug.exporters.caffe.blocks import (
-    first,
-    hw,
-    in_shape,
-    pair,
-    to_np,
-)
+from deployplug.capture import Node
+from deployplug.exporters.caffe.blocks import first, hw, to_np
 from deployplug.exporters.caffe.net import LowerCtx, rule
+from deployplug.ops.attrs import in_shape, pair
+from deployplug.profiles.caffe_checks import conv_padding
 
 
-def _conv_padding(node: Node) -> tuple[int, int] | str:
-    pad = node.args.get("padding", 0)
-    if isinstance(pad, str):
-        if pad == "valid":
-            return 0, 0
-        k = node.args["weight"].shape[2:]
-        d = pair(node.args.get("dilation", 1))
-        total = [d[i] * (k[i] - 1) for i in range(2)]
-        if any(t % 2 for t in total):
-            return "padding='same' needs asymmetric padding here, which Caffe lacks"
-        return total[0] // 2, total[1] // 2
-    return pair(pad)
-
-
-def _check_conv(node: Node, graph: Graph, dialect: str) -> str | None:
-    w = node.args.get("weight")
-    if not isinstance(w, torch.Tensor):
-        return "the weight is computed at run time; Caffe needs constant weights"
-    if w.dim() != 4:
-        return f"only 2-D convolutions exist in Caffe (weight rank {w.dim()})"
-    if isinstance(node.args.get("bias"), Ref):
-        return "the bias is computed at run time; Caffe needs constant weights"
-    pad = _conv_padding(node)
-    return pad if isinstance(pad, str) else None
-
-
-@rule("conv2d", check=_check_conv)
+@rule("conv2d")
 def _emit_conv(ctx: LowerCtx, node: Node) -> None:
     w, b = node.args["weight"], node.args.get("bias")
-    pad = _conv_padding(node)
+    pad = conv_padding(node)
     assert not isinstance(pad, str)
     source = first(node)
     if source.name in ctx.folded:  # F.pad(x) -> conv: one Convolution with the summed pad
         source, extra = ctx.folded[source.name]
         pad = (pad[0] + extra[0], pad[1] + extra[1])
-    dil = pair(node.args.get("dilation", 1))
+    dil = pair(node.args.get("dilation", 1), name="dilation", default=1)
     p = {"num_output": int(w.shape[0]), "bias_term": b is not None,
          **hw("kernel", (int(w.shape[2]), int(w.shape[3])), "kernel_size"),
-         **hw("stride", pair(node.args.get("stride", 1)), "stride", 1),
+         **hw("stride", pair(node.args.get("stride", 1), name="stride", default=1), "stride", 1),
          **hw("pad", pad, "pad", 0)}
     if dil != (1, 1):
         p["dilation"] = [dil[0]] if dil[0] == dil[1] else list(dil)
@@ -71,25 +41,14 @@ def _emit_conv(ctx: LowerCtx, node: Node) -> None:
              final=True)
 
 
-def _check_deconv(node: Node, graph: Graph, dialect: str) -> str | None:
-    reason = _check_conv(node, graph, dialect)
-    if reason:
-        return reason
-    if any(int(v) for v in node.args.get("output_padding", [0])):
-        return "Caffe Deconvolution has no output_padding"
-    if pair(node.args.get("dilation", 1)) != (1, 1):
-        return "dilated transposed convolution is not supported by OpenCV's Caffe importer"
-    return None
-
-
-@rule("conv_transpose2d", check=_check_deconv)
+@rule("conv_transpose2d")
 def _emit_deconv(ctx: LowerCtx, node: Node) -> None:
     w, b = node.args["weight"], node.args.get("bias")
     groups = int(node.args.get("groups", 1))
     p = {"num_output": int(w.shape[1]) * groups, "bias_term": b is not None,
          **hw("kernel", (int(w.shape[2]), int(w.shape[3])), "kernel_size"),
-         **hw("stride", pair(node.args.get("stride", 1)), "stride", 1),
-         **hw("pad", pair(node.args.get("padding", 0)), "pad", 0)}
+         **hw("stride", pair(node.args.get("stride", 1), name="stride", default=1), "stride", 1),
+         **hw("pad", pair(node.args.get("padding", 0), name="padding", default=0), "pad", 0)}
     if groups != 1:
         p["group"] = groups
     blobs = [to_np(w)] + ([to_np(b)] if b is not None else [])
@@ -97,16 +56,10 @@ def _emit_deconv(ctx: LowerCtx, node: Node) -> None:
              final=True)
 
 
-def _check_linear(node: Node, graph: Graph, dialect: str) -> str | None:
-    if not isinstance(node.args.get("weight"), torch.Tensor):
-        return "the weight is computed at run time; Caffe needs constant weights"
-    return None
-
-
-@rule("linear", check=_check_linear)
+@rule("linear")
 def _emit_linear(ctx: LowerCtx, node: Node) -> None:
     w, b = node.args["weight"], node.args.get("bias")
-    rank = len(in_shape(ctx.graph, node))
+    rank = len(in_shape(node, ctx.graph))
     p = {"num_output": int(w.shape[0]), "bias_term": b is not None}
     if rank != 2:
         p["axis"] = rank - 1  # PyTorch applies a Linear to the last axis only
@@ -115,15 +68,7 @@ def _emit_linear(ctx: LowerCtx, node: Node) -> None:
              final=True)
 
 
-def _check_bn(node: Node, graph: Graph, dialect: str) -> str | None:
-    if node.args.get("training", False):
-        return "BatchNorm in training mode; export an eval-mode model"
-    if not isinstance(node.args.get("running_mean"), torch.Tensor):
-        return "BatchNorm without running statistics cannot be exported"
-    return None
-
-
-@rule("batch_norm", check=_check_bn)
+@rule("batch_norm")
 def _emit_bn(ctx: LowerCtx, node: Node) -> None:
     mean, var = node.args["running_mean"], node.args["running_var"]
     gamma = node.args.get("weight")

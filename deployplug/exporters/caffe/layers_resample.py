@@ -4,51 +4,24 @@ Separate because BVLC Caffe has no resize layer and both are built from a depthw
 Deconvolution: nearest = kernel = stride = factor with weights 1 (or the ``Upsample`` layer
 in the ``om`` dialect); bilinear (align_corners=False) = edge rows/columns repeated with
 Slice + Concat, then a separable tent kernel (see :func:`bilinear_taps`). The OpenCV runtime
-reuses :func:`nearest_deconv_param` for om's Upsample.
+reuses :func:`.net.nearest_deconv_param` for om's Upsample.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from deployplug.capture import Graph, Node
-from deployplug.exporters.caffe.blocks import (
-    first,
-    hw,
-    in_shape,
-)
-from deployplug.exporters.caffe.net import LowerCtx, rule
+from deployplug.capture import Node
+from deployplug.exporters.caffe.blocks import first, hw
+from deployplug.exporters.caffe.net import LowerCtx, nearest_deconv_param, rule
+from deployplug.ops.attrs import in_shape
+from deployplug.profiles.caffe_checks import resize_factors
 
 
-def _factors(node: Node, graph: Graph) -> tuple[int, int] | str:
-    src = in_shape(graph, node)
-    out = node.shape
-    if len(src) != 4:
-        return "upsampling a non 4-D tensor"
-    f = []
-    for i in range(2):
-        if out[2 + i] % src[2 + i]:
-            return f"size {src[2 + i]} -> {out[2 + i]} is not an integer factor"
-        f.append(out[2 + i] // src[2 + i])
-    scales = node.args.get("scale_factors") or [node.args.get("scales_h"),
-                                                node.args.get("scales_w")]
-    for sc, fi in zip(scales, f):
-        if sc is not None and float(sc) != fi:
-            return f"scale factor {sc} is not the integer {fi}"
-    return f[0], f[1]
-
-
-def _check_nearest(node: Node, graph: Graph, dialect: str) -> str | None:
-    f = _factors(node, graph)
-    return f if isinstance(f, str) else None
-
-
-@rule("upsample_nearest2d", "_upsample_nearest_exact2d", check=_check_nearest)
+@rule("upsample_nearest2d", "_upsample_nearest_exact2d")
 def _emit_nearest(ctx: LowerCtx, node: Node) -> None:
-    fh, fw = _factors(node, ctx.graph)
-    c = in_shape(ctx.graph, node)[1]
+    fh, fw = resize_factors(node, ctx.graph)
+    c = in_shape(node, ctx.graph)[1]
     x = ctx.blob(first(node))
     if ctx.dialect == "om":
         ctx.step(node, "Upsample", [x], {"upsample_param": {
@@ -57,19 +30,6 @@ def _emit_nearest(ctx: LowerCtx, node: Node) -> None:
         return
     ctx.step(node, "Deconvolution", [x], {"convolution_param": nearest_deconv_param(c, fh, fw)},
              [np.ones((c, 1, fh, fw), np.float32)], final=True)
-
-
-def nearest_deconv_param(c: int, fh: int, fw: int) -> dict[str, Any]:
-    """A depthwise Deconvolution that repeats every pixel ``fh x fw`` times (weights all 1)."""
-    return {"num_output": c, "bias_term": False, "group": c,
-            **hw("kernel", (fh, fw), "kernel_size"), **hw("stride", (fh, fw), "stride")}
-
-
-def _check_bilinear(node: Node, graph: Graph, dialect: str) -> str | None:
-    if node.args.get("align_corners"):
-        return "bilinear with align_corners=True has no exact BVLC construct"
-    f = _factors(node, graph)
-    return f if isinstance(f, str) else None
 
 
 def _repeat_edges(ctx: LowerCtx, node: Node, x: str, axis: int, size: int) -> str:
@@ -102,11 +62,11 @@ def bilinear_taps(f: int) -> tuple[np.ndarray, int]:
     return np.maximum(0.0, 1.0 - np.abs(k - centre) / f).astype(np.float32), pad
 
 
-@rule("upsample_bilinear2d", check=_check_bilinear)
+@rule("upsample_bilinear2d")
 def _emit_bilinear(ctx: LowerCtx, node: Node) -> None:
-    shape = in_shape(ctx.graph, node)
+    shape = in_shape(node, ctx.graph)
     c = shape[1]
-    fh, fw = _factors(node, ctx.graph)
+    fh, fw = resize_factors(node, ctx.graph)
     x = _repeat_edges(ctx, node, ctx.blob(first(node)), 2, shape[2])
     x = _repeat_edges(ctx, node, x, 3, shape[3])
     (th, ph), (tw, pw) = bilinear_taps(fh), bilinear_taps(fw)

@@ -13,30 +13,18 @@ from __future__ import annotations
 import numpy as np
 
 from deployplug.capture import Graph, Node, Ref
-from deployplug.exporters.caffe.blocks import (
-    first,
-    hw,
-    in_shape,
-    norm_dim,
-    power,
-    reshape_to,
-    slice_axis,
-)
+from deployplug.exporters.caffe.blocks import first, hw, power, reshape_to, slice_axis
 from deployplug.exporters.caffe.net import LowerCtx, rule
+from deployplug.ops.attrs import in_shape, norm_dim, slice_spec
+from deployplug.profiles.caffe_checks import caffe_pads
 
 
 @rule("view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze")
 def _emit_reshape(ctx: LowerCtx, node: Node) -> None:
-    reshape_to(ctx, node, ctx.blob(first(node)), tuple(node.shape), in_shape(ctx.graph, node))
+    reshape_to(ctx, node, ctx.blob(first(node)), tuple(node.shape), in_shape(node, ctx.graph))
 
 
-def _check_cat(node: Node, graph: Graph, dialect: str) -> str | None:
-    if not all(isinstance(t, Ref) for t in node.args["tensors"]):
-        return "concatenation with a constant tensor"
-    return None
-
-
-@rule("cat", "concat", check=_check_cat)
+@rule("cat", "concat")
 def _emit_cat(ctx: LowerCtx, node: Node) -> None:
     refs = node.args["tensors"]
     rank = len(node.shape)
@@ -50,7 +38,7 @@ def _emit_cat(ctx: LowerCtx, node: Node) -> None:
 
 @rule("split", "split_with_sizes", "chunk")
 def _emit_split(ctx: LowerCtx, node: Node) -> None:
-    src = in_shape(ctx.graph, node)
+    src = in_shape(node, ctx.graph)
     axis = norm_dim(int(node.args.get("dim", 0)), len(src))
     sizes = [s[axis] for s in node.shapes]
     points = list(np.cumsum(sizes)[:-1])
@@ -65,54 +53,22 @@ def _emit_split(ctx: LowerCtx, node: Node) -> None:
         ctx.value_blobs[user.name] = tops[i]
 
 
-def _check_getitem(node: Node, graph: Graph, dialect: str) -> str | None:
-    src = node.args.get("arg0")
-    if isinstance(src, Ref):
-        try:
-            op = graph.node(src.name).op
-        except KeyError:
-            op = ""
-        if op in ("split", "split_with_sizes", "chunk"):
-            return None
-    return "indexing into a multi-output op other than split/chunk"
-
-
-@rule("getitem", check=_check_getitem)
+@rule("getitem")
 def _emit_getitem(ctx: LowerCtx, node: Node) -> None:
     if node.name not in ctx.value_blobs:  # the Slice of the split binds it
         raise AssertionError(f"split output {node.name} was not bound")
 
 
-def _slice_bounds(node: Node, graph: Graph) -> tuple[int, int, int, int]:
-    src = in_shape(graph, node)
-    axis = norm_dim(int(node.args.get("dim", 0)), len(src))
-    size = src[axis]
-    start, end = node.args.get("start"), node.args.get("end")
-    start = 0 if start is None else int(start)
-    end = size if end is None else int(end)
-    start = max(0, min(size, start + size if start < 0 else start))
-    end = max(start, min(size, end + size if end < 0 else end))
-    return axis, start, end, size
-
-
-def _check_slice(node: Node, graph: Graph, dialect: str) -> str | None:
-    if int(node.args.get("step", 1)) != 1:
-        return "strided slicing (step != 1) has no Caffe layer"
-    axis, start, end, size = _slice_bounds(node, graph)
-    if start >= end:
-        return "empty slice"
-    return None
-
-
-@rule("slice", check=_check_slice)
+@rule("slice")
 def _emit_slice(ctx: LowerCtx, node: Node) -> None:
-    axis, start, end, size = _slice_bounds(node, ctx.graph)
-    slice_axis(ctx, node, ctx.blob(first(node)), axis, start, end, size, final=True)
+    spec = slice_spec(node, ctx.graph)
+    slice_axis(ctx, node, ctx.blob(first(node)), spec.dim, spec.start, spec.end, spec.size,
+               final=True)
 
 
 @rule("select")
 def _emit_select(ctx: LowerCtx, node: Node) -> None:
-    src = in_shape(ctx.graph, node)
+    src = in_shape(node, ctx.graph)
     axis = norm_dim(int(node.args["dim"]), len(src))
     idx = int(node.args["index"])
     idx = idx + src[axis] if idx < 0 else idx
@@ -122,25 +78,13 @@ def _emit_select(ctx: LowerCtx, node: Node) -> None:
     reshape_to(ctx, node, x, tuple(node.shape), tuple(kept))
 
 
-def pad_amounts(node: Node, graph: Graph) -> tuple[list[int], float] | str:
-    if node.args.get("mode", "constant") != "constant":
-        return f"padding mode '{node.args['mode']}' (Caffe pads with constants only)"
-    pad = [int(p) for p in node.args["pad"]]
-    rank = len(in_shape(graph, node))
-    if rank != 4 or any(pad[4:]):
-        return "padding along the channel or batch axis has no Caffe layer"
-    pad = (pad + [0, 0, 0, 0])[:4]
-    value = node.args.get("value")
-    return pad, 0.0 if value is None else float(value)
-
-
 def foldable_pads(graph: Graph) -> dict[str, tuple[Ref, tuple[int, int]]]:
     """Symmetric zero pads read only by convolutions: they become the convolutions' pad."""
     out = {}
     for node in graph.nodes:
         if node.op not in ("pad", "constant_pad_nd") or node.name in graph.outputs:
             continue
-        pads = pad_amounts(node, graph)
+        pads = caffe_pads(node, graph)
         if isinstance(pads, str) or pads[1] != 0.0:
             continue
         left, right, top, bottom = pads[0]
@@ -152,14 +96,15 @@ def foldable_pads(graph: Graph) -> dict[str, tuple[Ref, tuple[int, int]]]:
     return out
 
 
-@rule("pad", "constant_pad_nd",
-      check=lambda n, g, d: r if isinstance(r := pad_amounts(n, g), str) else None)
+@rule("pad", "constant_pad_nd")
 def _emit_pad(ctx: LowerCtx, node: Node) -> None:
     if node.name in ctx.folded:
         return  # the consuming convolutions pad by themselves
-    pads, value = pad_amounts(node, ctx.graph)
+    found = caffe_pads(node, ctx.graph)
+    assert not isinstance(found, str), found  # the target refused it before lowering
+    pads, value = found
     left, right, top, bottom = pads
-    shape = in_shape(ctx.graph, node)
+    shape = in_shape(node, ctx.graph)
     ph, pw = max(top, bottom, 0), max(left, right, 0)
     h, w = shape[2] + 2 * ph, shape[3] + 2 * pw
     crop_h = (ph - top, h - (ph - bottom))
@@ -184,15 +129,9 @@ def _emit_pad(ctx: LowerCtx, node: Node) -> None:
         ctx.alias(node, x)
 
 
-def _check_argmax(node: Node, graph: Graph, dialect: str) -> str | None:
-    if node.args.get("dim") is None:
-        return "argmax over the flattened tensor (give dim=...)"
-    return None
-
-
-@rule("argmax", check=_check_argmax)
+@rule("argmax")
 def _emit_argmax(ctx: LowerCtx, node: Node) -> None:
-    src = in_shape(ctx.graph, node)
+    src = in_shape(node, ctx.graph)
     axis = norm_dim(int(node.args["dim"]), len(src))
     keep = bool(node.args.get("keepdim", False))
     x = ctx.step(node, "ArgMax", [ctx.blob(first(node))],

@@ -1,12 +1,13 @@
 """Captured graph -> Caffe layers (BVLC types that OpenCV 4.x also loads): the driver.
 
-Each normalized op has one *rule*: a ``check`` saying whether (and why not) the node can be
-expressed exactly, and an ``emit`` that appends layers. The target profiles in
-:mod:`deployplug.profiles.caffe` reuse the checks, so "what Caffe can express" is written once.
+Which nodes Caffe expresses, and why not, is the target's question
+(:mod:`deployplug.profiles.caffe`); each op the target accepts has one *emitter* here that
+appends the layers computing it exactly, and the two key sets are held equal when this module
+is imported.
 
-This module only collects refusals, dispatches each node to its rule and applies the
-whole-network fix-ups; the rules live by concept in the ``layers_*`` modules (imported here so
-they register), on top of :mod:`.net` (data model, registry, context) and :mod:`.blocks`.
+This module only asks the target, dispatches each node to its emitter and applies the
+whole-network fix-ups; the emitters live by concept in the ``layers_*`` modules (imported here
+so they register), on top of :mod:`.net` (data model, registry, context) and :mod:`.blocks`.
 Ops BVLC Caffe has no layer for are composed there from exact primitives (all verified in
 OpenCV against PyTorch): clamp/hardsigmoid/hardswish/silu in :mod:`.layers_act`, floor-mode
 pooling in :mod:`.layers_pool`, padding in :mod:`.layers_shape`, nearest/bilinear upsampling
@@ -19,8 +20,8 @@ that produces it, so a layer in the files points back at the PyTorch module path
 from __future__ import annotations
 
 from deployplug.capture import Graph, Node
-from deployplug.errors import OffendingOp, UnsupportedOpError
-from deployplug.exporters.caffe import (  # noqa: F401 -- imported so their rules register
+from deployplug.errors import ExportFailedError, UnsupportedOpError
+from deployplug.exporters.caffe import (  # noqa: F401 -- imported so their emitters register
     layers_act,
     layers_arith,
     layers_conv,
@@ -28,55 +29,61 @@ from deployplug.exporters.caffe import (  # noqa: F401 -- imported so their rule
     layers_resample,
     layers_shape,
 )
-from deployplug.exporters.caffe.layers_pool import caffe_pool_size
-from deployplug.exporters.caffe.layers_resample import bilinear_taps, nearest_deconv_param
+from deployplug.exporters.caffe.layers_resample import bilinear_taps
 from deployplug.exporters.caffe.layers_shape import foldable_pads
-from deployplug.exporters.caffe.net import RULES, CaffeNet, Layer, LowerCtx, Rule, rule
+from deployplug.exporters.caffe.net import (
+    RULES,
+    CaffeNet,
+    Layer,
+    LowerCtx,
+    nearest_deconv_param,
+    rule,
+)
+from deployplug.ops.sizes import caffe_pool_out
+from deployplug.profiles import TargetProfile, get_target, offenders
+from deployplug.profiles.caffe import CAFFE, OM
+from deployplug.profiles.caffe_checks import CHECKS
 
-__all__ = ["RULES", "SUGGESTIONS", "CaffeNet", "Layer", "Rule", "bilinear_taps",
-           "caffe_pool_size", "lower", "nearest_deconv_param", "refusal", "rule",
-           "supported_ops"]
+__all__ = ["RULES", "CaffeNet", "Layer", "bilinear_taps", "caffe_pool_out", "lower",
+           "nearest_deconv_param", "refusal", "rule", "supported_ops"]
+
+_TARGET_OF_DIALECT = {"bvlc": CAFFE, "om": OM}
+
+
+def _registry_matches_target() -> None:
+    """Every op the Caffe targets accept has an emitter, and every emitter a check."""
+    missing, extra = set(CHECKS) - set(RULES), set(RULES) - set(CHECKS)
+    if missing or extra:
+        raise ImportError(f"Caffe emitters and target checks disagree: no emitter for "
+                          f"{sorted(missing)}, no check for {sorted(extra)}")
+
+
+_registry_matches_target()
 
 
 def refusal(node: Node, graph: Graph, dialect: str = "bvlc") -> str | None:
-    """``None`` when ``node`` lowers exactly to Caffe layers, otherwise why not."""
-    r = RULES.get(node.op)
-    if r is None:
-        return f"Caffe has no layer (or exact composition) for '{node.op}'"
-    try:
-        return r.check(node, graph, dialect)
-    except (KeyError, TypeError, ValueError) as exc:
-        return f"unexpected arguments for '{node.op}': {exc}"
+    """``None`` when ``node`` lowers exactly to Caffe layers of ``dialect``, otherwise why not."""
+    return _TARGET_OF_DIALECT[dialect].refusal(node, graph)
 
 
-_DEFAULT_HINT = "rewrite it with deployplug.decompositions, or change the model"
-SUGGESTIONS = {
-    "conv_transpose2d": "set output_padding=0, or let deployplug.decompositions rewrite it",
-    "add": "Caffe Eltwise cannot broadcast; make both operands the same shape",
-    "sub": "Caffe Eltwise cannot broadcast; make both operands the same shape",
-    "upsample_nearest2d": "use integer scale factors, or let deployplug.decompositions rewrite it",
-    "upsample_bilinear2d": "use integer scale factors with align_corners=False",
-}
-
-
-def lower(graph: Graph, dialect: str = "bvlc", target: str = "caffe",
+def lower(graph: Graph, dialect: str = "bvlc", target: str | TargetProfile = "caffe",
           name: str = "net") -> CaffeNet:
     """Lower every node, or raise :class:`UnsupportedOpError` listing *all* offenders first."""
-    offenders = []
-    for node in graph.nodes:
-        reason = refusal(node, graph, dialect)
-        if reason is not None:
-            hint = SUGGESTIONS.get(node.op, _DEFAULT_HINT)
-            offenders.append(OffendingOp(node.op, node.module_path, target, reason, (hint,)))
-    if offenders:
-        raise UnsupportedOpError(offenders)
+    profile = get_target(target)
+    found = offenders(graph, profile)
+    if found:
+        raise UnsupportedOpError(found)
     ctx = LowerCtx(graph, dialect, foldable_pads(graph))
     for inp in graph.inputs:
         ctx.add(inp.name, "Input", [], [inp.name],
                 {"input_param": {"shape": [{"dim": list(inp.shape)}]}})
         ctx.value_blobs[inp.name] = inp.name
     for node in graph.nodes:
-        RULES[node.op].emit(ctx, node)
+        emit = RULES.get(node.op)
+        if emit is None:  # a target beyond the Caffe checks accepted an op nobody emits
+            raise ExportFailedError("caffe", f"target {profile.name!r} accepted {node.op} at "
+                                    f"'{node.where}', which the Caffe writer cannot emit")
+        emit(ctx, node)
     outputs = [ctx.blob(o) for o in graph.outputs]
     _guard_power_fusion(ctx, set(outputs))
     return CaffeNet(name, dialect, [(v.name, tuple(v.shape)) for v in graph.inputs], ctx.layers,

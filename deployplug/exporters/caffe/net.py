@@ -1,7 +1,7 @@
 """What a Caffe lowering builds and where its rules register.
 
 Separate from the driver (:mod:`.lower`) and the per-op modules (``layers_*``) so that both
-can import it without importing each other: the layer modules register their rules in
+can import it without importing each other: the layer modules register their emitters in
 :data:`RULES` and append to a :class:`LowerCtx`; the driver only walks the graph and
 dispatches. The network itself (:class:`CaffeNet`) is plain data, independent of protobuf,
 so the writer serializes it without knowing how it was made.
@@ -9,7 +9,7 @@ so the writer serializes it without knowing how it was made.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,27 +71,34 @@ class CaffeNet:
         self.value_blobs = {v: renames.get(b, b) for v, b in self.value_blobs.items()}
 
 
-Check = Callable[[Node, Graph, str], "str | None"]
+def hw(prefix: str, v: Sequence[int], scalar: str, default: int | None = None) -> dict:
+    """``kernel_size: 3`` when square, ``kernel_h/kernel_w`` otherwise (``pad``, ``stride``)."""
+    if v[0] == v[1]:
+        return {} if v[0] == default else {scalar: v[0]}
+    return {f"{prefix}_h": v[0], f"{prefix}_w": v[1]}
+
+
+def nearest_deconv_param(c: int, fh: int, fw: int) -> dict[str, Any]:
+    """A depthwise Deconvolution that repeats every pixel ``fh x fw`` times (weights all 1).
+
+    BVLC Caffe's nearest upsampling, and what OpenCV runs in place of om's ``Upsample``; kept
+    with the data model so the runtime can use it without the lowering.
+    """
+    return {"num_output": c, "bias_term": False, "group": c,
+            **hw("kernel", (fh, fw), "kernel_size"), **hw("stride", (fh, fw), "stride")}
+
+
 Emit = Callable[["LowerCtx", Node], None]
 
-
-@dataclass(frozen=True)
-class Rule:
-    check: Check
-    emit: Emit
+#: op -> how to emit it; which ops are legal (and why not) is the target's business
+#: (:mod:`deployplug.profiles.caffe_checks`), and :mod:`.lower` holds the two key sets equal.
+RULES: dict[str, Emit] = {}
 
 
-RULES: dict[str, Rule] = {}
-
-
-def _ok(node: Node, graph: Graph, dialect: str) -> str | None:
-    return None
-
-
-def rule(*ops: str, check: Check = _ok) -> Callable[[Emit], Emit]:
+def rule(*ops: str) -> Callable[[Emit], Emit]:
     def deco(emit: Emit) -> Emit:
         for op in ops:
-            RULES[op] = Rule(check, emit)
+            RULES[op] = emit
         return emit
 
     return deco

@@ -1,7 +1,8 @@
 """Constraints of Huawei Ascend's Caffe converter (ATC, target ``om``), checked on a prototxt.
 
-The om profile refuses the ops that would break these before lowering; this check reads the
-written file itself, so a hand-edited or foreign prototxt gets the same scrutiny:
+The om target (:data:`deployplug.profiles.caffe.OM`) refuses the ops that would break these
+before lowering, and its limits are the numbers used here; this check reads the written file
+itself, so a hand-edited or foreign prototxt gets the same scrutiny:
 
 * only BVLC layer types, plus the om dialect's ``Upsample`` (no OpenCV/SSD fork layers);
 * ``Upsample`` only by integer factors >= 1 (and ``scale`` 1: a plain repeat);
@@ -19,8 +20,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from deployplug.errors import ArtifactFormatError
+from deployplug.profiles.caffe import OM_LIMITS
 
-MAX_POOL_WINDOW = 32
+assert OM_LIMITS.max_pool_window is not None
+MAX_POOL_WINDOW: int = OM_LIMITS.max_pool_window
 
 BVLC_TYPES = frozenset({
     "AbsVal", "Accuracy", "ArgMax", "BNLL", "BatchNorm", "Bias", "Clip", "Concat",

@@ -34,40 +34,20 @@ from deployplug.errors import (
 from deployplug.exporters import register_exporter
 from deployplug.exporters.base import Exporter, FormatRecord
 from deployplug.exporters.msnhnet.emit import INPUT, Emitter, NeedInputLayer, canonical
-from deployplug.exporters.msnhnet.ops import RULES, refusal
+from deployplug.exporters.msnhnet.ops import RULES
 from deployplug.exporters.msnhnet.text import MLayer, render_bin, render_text
 from deployplug.profiles import TargetProfile
+from deployplug.profiles import offenders as profile_offenders
+from deployplug.profiles.msnhnet import MSNHNET
 from deployplug.runtimes import msnhnet as runtime
 
 TARGET = "msnhnet"
 GRAPH_FILE, WEIGHTS_FILE = "model.msnhnet", "model.msnhbin"
 
-_SUGGESTIONS = (
-    "run deployplug.decompositions(model, 'msnhnet') to rewrite it into supported ops",
-    "or export this model to ONNX instead",
-)
-
 
 def offenders(graph: Graph) -> list[OffendingOp]:
     """Every node MsnhNet cannot express, plus model-level limits (inputs, outputs)."""
-    found: list[OffendingOp] = []
-    for node in graph.nodes:
-        reason = refusal(node, graph)
-        if reason:
-            found.append(OffendingOp(node.op, node.module_path, TARGET, reason, _SUGGESTIONS))
-    if len(graph.inputs) != 1:
-        found.append(OffendingOp("input", "", TARGET,
-                                 f"MsnhNet networks have one input, the model takes "
-                                 f"{len(graph.inputs)}", ("export a single-input wrapper",)))
-    elif not 2 <= len(graph.inputs[0].shape) <= 4:
-        found.append(OffendingOp("input", "", TARGET,
-                                 f"input of shape {list(graph.inputs[0].shape)}: MsnhNet needs "
-                                 "(N, C[, H[, W]])", ()))
-    if len(graph.outputs) != 1:
-        found.append(OffendingOp("output", "", TARGET,
-                                 f"MsnhNet networks have one output, the model returns "
-                                 f"{len(graph.outputs)}", ("export a single-output wrapper",)))
-    return found
+    return profile_offenders(graph, MSNHNET)
 
 
 def _lower_once(graph: Graph, first: str | None) -> Emitter:
@@ -85,7 +65,7 @@ def _lower_once(graph: Graph, first: str | None) -> Emitter:
         em.bind(value.name, em.in_shape)
     for node in graph.nodes:
         em.node = node.name
-        result = RULES[node.op].lower(em, node, graph)
+        result = RULES[node.op](em, node, graph)
         if result is False:
             continue
         shape = canonical(node.shape) if node.shape is not None else None

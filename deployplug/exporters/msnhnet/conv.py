@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from deployplug.capture import Graph, Node
 from deployplug.exporters.msnhnet.emit import (
@@ -21,47 +20,20 @@ from deployplug.exporters.msnhnet.emit import (
     gcd,
     square_kernel,
 )
-from deployplug.exporters.msnhnet.rules import (
-    input_shape,
-    pair,
-    rule,
-    source,
-)
+from deployplug.exporters.msnhnet.rules import rule, source
+from deployplug.ops.attrs import pair
+from deployplug.profiles.msnhnet_checks import msnh_conv_pads
 
 
 # -- convolution --------------------------------------------------------------------------
-def _conv_pads(node: Node, graph: Graph) -> tuple[int, int, int, int] | None:
-    """(top, bottom, left, right) of a conv2d, resolving padding='same'/'valid'."""
-    padding = node.args.get("padding", 0)
-    if isinstance(padding, str):
-        if padding == "valid":
-            return 0, 0, 0, 0
-        kh, kw = node.args["weight"].shape[2:]
-        dh, dw = pair(node.args.get("dilation"), 1)
-        th, tw = dh * (kh - 1), dw * (kw - 1)
-        return th // 2, th - th // 2, tw // 2, tw - tw // 2
-    ph, pw = pair(padding, 0)
-    return ph, ph, pw, pw
-
-
-def _check_conv(node: Node, graph: Graph) -> str | None:
-    if len(input_shape(node, graph)) != 4:
-        return "MsnhNet convolutions take 4-D (N, C, H, W) input only"
-    if not isinstance(node.args.get("weight"), torch.Tensor):
-        return "the conv weight is computed at run time; MsnhNet needs constant weights"
-    if node.args.get("bias") is not None and not isinstance(node.args["bias"], torch.Tensor):
-        return "the conv bias is computed at run time"
-    return None
-
-
-@rule("conv2d", check=_check_conv)
+@rule("conv2d")
 def _lower_conv(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     weight = node.args["weight"].detach().float().numpy()
     bias = node.args.get("bias")
     bias = None if bias is None else bias.detach().float().numpy()
-    sh, sw = pair(node.args.get("stride"), 1)
-    dh, dw = pair(node.args.get("dilation"), 1)
-    top, bottom, left, right = _conv_pads(node, graph)  # type: ignore[misc]
+    sh, sw = pair(node.args.get("stride"), name="stride", default=1)
+    dh, dw = pair(node.args.get("dilation"), name="dilation", default=1)
+    top, bottom, left, right = msnh_conv_pads(node)
     groups = int(node.args.get("groups", 1))
     kh, kw = weight.shape[2:]
     if kh == 1:
@@ -99,16 +71,16 @@ def _lower_conv(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     return None
 
 
-@rule("conv_transpose2d", check=_check_conv)
+@rule("conv_transpose2d")
 def _lower_deconv(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     weight = node.args["weight"].detach().float().numpy()  # (Cin, Cout/g, kH, kW)
     bias = node.args.get("bias")
     bias = None if bias is None else bias.detach().float().numpy()
     groups = int(node.args.get("groups", 1))
-    sh, sw = pair(node.args.get("stride"), 1)
-    ph, pw = pair(node.args.get("padding"), 0)
-    oph, opw = pair(node.args.get("output_padding"), 0)
-    dh, dw = pair(node.args.get("dilation"), 1)
+    sh, sw = pair(node.args.get("stride"), name="stride", default=1)
+    ph, pw = pair(node.args.get("padding"), name="padding", default=0)
+    oph, opw = pair(node.args.get("output_padding"), name="output_padding", default=0)
+    dh, dw = pair(node.args.get("dilation"), name="dilation", default=1)
     if groups > 1:  # MsnhNet's grouped deconv is wrong: use the block-diagonal dense weight
         cin, cout_g = weight.shape[:2]
         cin_g = cin // groups
@@ -153,16 +125,7 @@ def _lower_deconv(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     return None
 
 
-def _check_linear(node: Node, graph: Graph) -> str | None:
-    if len(input_shape(node, graph)) != 2:
-        return ("MsnhNet 'connect' flattens its input; linear on a tensor of rank "
-                f"{len(input_shape(node, graph))} is not expressible (flatten first)")
-    if not isinstance(node.args.get("weight"), torch.Tensor):
-        return "the linear weight is computed at run time"
-    return None
-
-
-@rule("linear", check=_check_linear)
+@rule("linear")
 def _lower_linear(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     weight = node.args["weight"].detach().float().numpy()
     bias = node.args.get("bias")
@@ -174,17 +137,7 @@ def _lower_linear(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     return None
 
 
-
-
-def _check_bn(node: Node, graph: Graph) -> str | None:
-    if node.args.get("training"):
-        return "batch_norm in training mode (batch statistics) cannot be exported"
-    if not isinstance(node.args.get("running_mean"), torch.Tensor):
-        return "batch_norm without running statistics"
-    return None
-
-
-@rule("batch_norm", check=_check_bn)
+@rule("batch_norm")
 def _lower_bn(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     mean = node.args["running_mean"].detach().float().numpy()
     var = node.args["running_var"].detach().float().numpy()
@@ -195,5 +148,3 @@ def _lower_bn(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     em.emit("batchnorm", [("eps", float(node.args.get("eps", 1e-5)))],
             [scale, shift, mean, var])
     return None
-
-

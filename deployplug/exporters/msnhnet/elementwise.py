@@ -10,22 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
-from deployplug.capture import Graph, Node, Ref
-from deployplug.exporters.msnhnet.emit import Emitter, canonical
-from deployplug.exporters.msnhnet.rules import (
-    RULES,
-    Lower,
-    Rule,
-    always_ok,
-    constant_of,
-    input_shape,
-    provably_nonneg,
-    rule,
+from deployplug.capture import Graph, Node
+from deployplug.exporters.msnhnet.emit import Emitter
+from deployplug.exporters.msnhnet.rules import RULES, Lower, rule, source, value_shape
+from deployplug.profiles.msnhnet_checks import (
+    ACTIVATIONS,
+    UNARY_VAROPS,
+    channel_const,
+    is_activation,
     scalar_of,
-    source,
-    value_shape,
 )
 
 _SELU_ALPHA = 1.6732632423543772
@@ -41,10 +35,8 @@ def _simple_act(name: str) -> Lower:
     return lower
 
 
-for _op, _name in (("relu", "relu"), ("relu6", "relu6"), ("tanh", "tanh"),
-                   ("sigmoid", "logistic"), ("silu", "swish"), ("mish", "mish"),
-                   ("hardswish", "hardswish")):
-    RULES[_op] = Rule(always_ok, _simple_act(_name))
+for _op, _name in ACTIVATIONS.items():
+    RULES[_op] = _simple_act(_name)
 
 
 @rule("leaky_relu")
@@ -55,17 +47,7 @@ def _lower_leaky(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     return None
 
 
-def _check_prelu(node: Node, graph: Graph) -> str | None:
-    weight = node.args.get("weight")
-    if not isinstance(weight, torch.Tensor):
-        return "the prelu slope is computed at run time"
-    c = canonical(input_shape(node, graph))[0]
-    if weight.numel() not in (1, c):
-        return f"prelu with {weight.numel()} slopes on {c} channels"
-    return None
-
-
-@rule("prelu", check=_check_prelu)
+@rule("prelu")
 def _lower_prelu(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     c = em.shapes[source(node)][0]
     slopes = node.args["weight"].detach().float().numpy().reshape(-1)
@@ -87,34 +69,25 @@ def _clip(em: Emitter, src: str, low: float | None, high: float | None) -> None:
         em.emit("clip", fields or [("min", -3.4e38)])
 
 
-def _check_clamp(node: Node, graph: Graph) -> str | None:
-    for key in ("min", "max", "min_val", "max_val"):
-        value = node.args.get(key)
-        if value is not None and not isinstance(value, (int, float)):
-            return f"clamp with a tensor bound '{key}' is not expressible (MsnhNet clip takes " \
-                   "constants)"
-    return None
-
-
-@rule("clamp", "clip", check=_check_clamp)
+@rule("clamp", "clip")
 def _lower_clamp(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     _clip(em, source(node), node.args.get("min"), node.args.get("max"))
     return None
 
 
-@rule("hardtanh", check=_check_clamp)
+@rule("hardtanh")
 def _lower_hardtanh(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     _clip(em, source(node), node.args.get("min_val", -1.0), node.args.get("max_val", 1.0))
     return None
 
 
-@rule("clamp_min", check=_check_clamp)
+@rule("clamp_min")
 def _lower_clamp_min(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     _clip(em, source(node), node.args.get("min"), None)
     return None
 
 
-@rule("clamp_max", check=_check_clamp)
+@rule("clamp_max")
 def _lower_clamp_max(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     _clip(em, source(node), None, node.args.get("max"))
     return None
@@ -165,16 +138,7 @@ def _lower_selu(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     return None
 
 
-def _check_softplus(node: Node, graph: Graph) -> str | None:
-    if float(node.args.get("threshold", 20)) < 20:
-        return ("softplus threshold below 20: MsnhNet returns exp(x) below -threshold, which "
-                "only matches PyTorch when the threshold is large")
-    if float(node.args.get("beta", 1)) <= 0:
-        return "softplus beta must be positive"
-    return None
-
-
-@rule("softplus", check=_check_softplus)
+@rule("softplus")
 def _lower_softplus(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     from deployplug.exporters.msnhnet.text import format_value
 
@@ -191,10 +155,6 @@ def _lower_softplus(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
 
 
 # -- element-wise math ----------------------------------------------------------------
-_UNARY = ("abs", "acos", "asin", "atan", "cos", "cosh", "sin", "sinh", "tan", "exp", "log",
-          "log10", "sqrt")
-
-
 def _unary_rule(kind: str) -> Lower:
     def lower(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
         em.unary(source(node), kind)
@@ -203,8 +163,8 @@ def _unary_rule(kind: str) -> Lower:
     return lower
 
 
-for _op in _UNARY:
-    RULES[_op] = Rule(always_ok, _unary_rule(_op))
+for _op in UNARY_VAROPS:
+    RULES[_op] = _unary_rule(_op)
 
 
 @rule("neg")
@@ -241,22 +201,7 @@ def _power(em: Emitter, src: str, n: int) -> None:
         em.emit("varop", [("layers", em.index(src)), ("type", "mul")])
 
 
-def _check_pow(node: Node, graph: Graph) -> str | None:
-    if not isinstance(node.args.get("self"), Ref):
-        return "pow with a constant base and a tensor exponent is not expressible"
-    e = scalar_of(graph, node.args.get("exponent"))
-    if e is None:
-        return "pow with a tensor exponent is not expressible (varop pow takes a constant)"
-    if e == int(e) and abs(e) <= 16:
-        return None
-    if abs(e) == 0.5 or provably_nonneg(graph, source(node)):
-        return None
-    return (f"pow with exponent {e}: MsnhNet's varop pow is wrong for negative inputs and "
-            "the input is not provably non-negative (apply relu/abs first, or use an integer "
-            "exponent)")
-
-
-@rule("pow", check=_check_pow)
+@rule("pow")
 def _lower_pow(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     e = float(scalar_of(graph, node.args["exponent"]))  # type: ignore[arg-type]
     src = source(node)
@@ -290,45 +235,6 @@ def _operands(node: Node, graph: Graph) -> tuple[Any, Any]:
     return node.args.get("self"), node.args.get("other")
 
 
-def _check_binary(node: Node, graph: Graph) -> str | None:
-    a, b = _operands(node, graph)
-    if node.op == "div" and node.args.get("rounding_mode") is not None:
-        return f"div with rounding_mode={node.args['rounding_mode']!r} is not expressible"
-    act_a, act_b = isinstance(a, Ref) and constant_of(graph, a) is None, isinstance(
-        b, Ref) and constant_of(graph, b) is None
-    alpha = node.args.get("alpha", 1)
-    if act_a and act_b:
-        sa, sb = value_shape(graph, a.name), value_shape(graph, b.name)
-        if sa != sb:
-            return (f"broadcasting {node.op} between {list(sa)} and {list(sb)}: MsnhNet's varop "
-                    "needs identical shapes (no broadcasting)")
-        if alpha != 1:
-            return f"{node.op} with alpha={alpha} between two tensors"
-        return None
-    const = b if act_a else a
-    if not (act_a or act_b):
-        return f"{node.op} between two constants (should have been folded)"
-    src = a if act_a else b
-    if scalar_of(graph, const) is None and _channel_const(graph, const,
-                                                        value_shape(graph, src.name)) is None:
-        return (f"{node.op} with a constant tensor operand that is neither a scalar nor "
-                "per-channel: MsnhNet has no constant tensors (varop takes scalars only)")
-    if not isinstance(alpha, (int, float)):
-        return f"{node.op} with a tensor alpha"
-    return None
-
-
-def _channel_const(graph: Graph, value: Any, shape: tuple[int, ...]) -> np.ndarray | None:
-    """A constant that only varies along the channel axis, as a length-C vector."""
-    tensor = constant_of(graph, value)
-    if tensor is None or tensor.dim() > len(shape) or len(shape) < 2:
-        return None
-    padded = (1,) * (len(shape) - tensor.dim()) + tuple(tensor.shape)
-    if padded[0] != 1 or any(d != 1 for d in padded[2:]) or padded[1] not in (1, shape[1]):
-        return None
-    return np.broadcast_to(tensor.detach().float().reshape(-1).numpy(), (shape[1],)).copy()
-
-
 def _per_channel(em: Emitter, node: Node, src: str, vec: np.ndarray, act_first: bool,
                  alpha: float) -> None:
     """A per-channel constant operand as an identity-statistics batchnorm (exact: var 1,
@@ -354,16 +260,15 @@ def _lower_binary(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     a, b = _operands(node, graph)
     op = node.op
     alpha = float(node.args.get("alpha", 1))
-    act_a = isinstance(a, Ref) and constant_of(graph, a) is None
-    act_b = isinstance(b, Ref) and constant_of(graph, b) is None
+    act_a, act_b = is_activation(graph, a), is_activation(graph, b)
     if act_a and act_b:
         em.binary("sub" if op == "rsub" else op, b.name if op == "rsub" else a.name,
                   a.name if op == "rsub" else b.name)
         return None
     src = (a if act_a else b).name
     if scalar_of(graph, b if act_a else a) is None:
-        _per_channel(em, node, src, _channel_const(graph, b if act_a else a,  # type: ignore
-                                                   value_shape(graph, src)), act_a, alpha)
+        _per_channel(em, node, src, channel_const(graph, b if act_a else a,  # type: ignore
+                                                  value_shape(graph, src)), act_a, alpha)
         return None
     c = float(scalar_of(graph, b if act_a else a))  # type: ignore[arg-type]
     if op == "add":
@@ -396,4 +301,4 @@ def _lower_binary(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
 
 
 for _op in ("add", "sub", "mul", "div", "rsub"):
-    RULES[_op] = Rule(_check_binary, _lower_binary)
+    RULES[_op] = _lower_binary

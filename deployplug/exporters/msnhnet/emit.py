@@ -18,8 +18,11 @@ from typing import Any
 import numpy as np
 
 from deployplug.exporters.msnhnet.text import MLayer
+from deployplug.profiles.msnhnet_checks import canonical
 
 Shape = tuple[int, int, int]
+__all__ = ["INPUT", "Emitter", "NeedInputLayer", "Shape", "canonical", "dilate_kernel", "gcd",
+           "square_kernel"]
 INPUT = -1  # the "layer index" of the network input before any layer exists
 
 _INVERSE = {"add": "add", "mul": "mul", "sub": "subInv", "div": "divInv"}
@@ -28,12 +31,6 @@ _INVERSE = {"add": "add", "mul": "mul", "sub": "subInv", "div": "divInv"}
 class NeedInputLayer(Exception):
     """Raised when a lowering must address the network input by index; the writer restarts
     with a no-op first layer that holds the input."""
-
-
-def canonical(shape: tuple[int, ...]) -> Shape:
-    """Torch shape (N, d1[, d2[, d3]]) -> MsnhNet (C, H, W), trailing axes of size 1."""
-    dims = tuple(int(d) for d in shape[1:])
-    return dims + (1,) * (3 - len(dims))  # type: ignore[return-value]
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Every MsnhNet rule, loaded in one place, and the single question the rest asks of them.
+"""Every MsnhNet lowering, loaded in one place, and the single question the rest asks of them.
 
-The checks are shared with the ``msnhnet`` target profile, so "what MsnhNet accepts" is
-written once.
+Whether a node can be lowered is the ``msnhnet`` target's answer
+(:data:`deployplug.profiles.msnhnet.MSNHNET`); the lowerings registered here cover exactly
+the ops that target accepts, which is checked when this module is imported.
 """
 
 from __future__ import annotations
@@ -13,16 +14,23 @@ from deployplug.exporters.msnhnet import (  # noqa: F401  (registration)
     pooling,
     shapes,
 )
-from deployplug.exporters.msnhnet.rules import CONST_OPS, RULES, Rule
+from deployplug.exporters.msnhnet.rules import RULES
+from deployplug.profiles.msnhnet import MSNHNET
+from deployplug.profiles.msnhnet_checks import CHECKS
 
-__all__ = ["RULES", "Rule", "refusal"]
+__all__ = ["RULES", "refusal"]
+
+
+def _registry_matches_target() -> None:
+    missing, extra = set(CHECKS) - set(RULES), set(RULES) - set(CHECKS)
+    if missing or extra:
+        raise ImportError(f"MsnhNet lowerings and target checks disagree: no lowering for "
+                          f"{sorted(missing)}, no check for {sorted(extra)}")
+
+
+_registry_matches_target()
 
 
 def refusal(node: Node, graph: Graph) -> str | None:
     """Why MsnhNet cannot express ``node`` (``None`` when it can)."""
-    rule_ = RULES.get(node.op)
-    if rule_ is None:
-        return f"MsnhNet has no lowering for '{node.op}'"
-    if node.op in CONST_OPS and node.inputs:
-        return None
-    return rule_.check(node, graph)
+    return MSNHNET.refusal(node, graph)
