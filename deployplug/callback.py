@@ -1,29 +1,31 @@
 """DeployCallback: pre-flight at fit start; export and verification at fit end and per checkpoint.
 
-The callback is a thin shell over :func:`deployplug.pipeline.export`. Its job is the Lightning
-plumbing the pipeline must not know about:
+The callback is a thin shell over :func:`deployplug.pipeline.export`. This module holds the
+callback and its Lightning hooks; the rules it follows live in modules of their own, shared
+with the command line:
 
-* what to export: what ``pl_module(x)`` computes, on a CPU float32 eval copy of the
-  LightningModule (see :mod:`deployplug.export_subject`); the training module keeps its
-  branches and BatchNorms and stays resumable, and the references every artifact is verified
-  against come from that forward;
+* what to export (:mod:`deployplug.export_subject`): what ``pl_module(x)`` computes, on a CPU
+  float32 eval copy of the LightningModule; the training module keeps its branches and
+  BatchNorms and stays resumable, and every artifact is verified against that forward;
+* the example input and real validation inputs (:mod:`deployplug.examples`), the settings,
+  pre-flight and export steps (:mod:`deployplug.deploy_steps`), validation parity for every
+  format (:mod:`deployplug.parity`);
 * when: after fit (in ``teardown``, so after every callback's and the module's ``on_fit_end``:
   weights that an EMA callback swaps in at fit end are the ones exported, whatever the callback
   order) and, optionally, whenever the content of ModelCheckpoint's best checkpoint changes;
 * where: ``<run dir>/<folder>/<tag>/`` beside the ``checkpoints`` folder, checked to be
-  writable before training starts;
+  writable before training starts (:mod:`deployplug.export_folders`);
 * who: global rank zero exports; the other ranks wait for its verdict on a dedicated gloo
   group whose timeout outlasts the export (:mod:`deployplug.rank_sync`);
-* how failures surface: a warning naming the report and the ``.failed`` directory by default
-  (training results are never lost to a failed export), or an exception with
-  ``fail_on_error``.
+* how results surface: metrics to every logger, export folders to the trackers that store
+  artifacts when asked (:mod:`deployplug.logger_artifacts`), failures as a warning naming the
+  report and the ``.failed`` directory by default (training results are never lost to a
+  failed export), or an exception with ``fail_on_error``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,204 +38,45 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from deployplug import parity
 from deployplug.checkpoint_io import load_checkpoint_into, load_weights, strip_prefix
-from deployplug.errors import DeployError, ParityError, VerificationError
-from deployplug.export_subject import (
-    ExportSubject,
-    lightning_copy,
-    resolve_subject,
+from deployplug.deploy_steps import (
+    DeploySettings,
+    export_subject,
+    preflight_reports,
+    target_for,
 )
+from deployplug.errors import ConfigError, DeployError, ParityError, VerificationError
+from deployplug.examples import (
+    Example,
+    example_shapes,
+    expected_shape_text,
+    make_example,
+    probe_forward,
+    validation_samples,
+)
+from deployplug.export_folders import (
+    FINAL_TAG,
+    checkpoint_tag,
+    owned_export,
+    passed_export_of,
+    require_writable_folder,
+)
+from deployplug.export_subject import ExportSubject, lightning_copy, resolve_subject
+from deployplug.logger_artifacts import ArtifactLogging, LogMode
+from deployplug.parity import onnx_parity
 from deployplug.rank_sync import ExportSync
+from deployplug.trainer_views import best_checkpoint_key, validation_loader
 
+# Helpers that used to live here stay importable from this module.
 __all__ = ["DeployCallback", "example_shapes", "expected_shape_text", "load_checkpoint_into",
            "make_example", "onnx_parity", "preflight_reports", "probe_forward", "strip_prefix",
            "validation_samples"]
 
 EXPORT_TRIGGERS = ("fit_end", "best_checkpoint")
 PREFLIGHT_MODES = ("error", "warn", "off")
-FINAL_TAG = "final"
 DEFAULT_EXPORT_TIMEOUT_S = 4 * 3600.0
-Example = torch.Tensor | tuple[torch.Tensor, ...]
 
-
-# --------------------------------------------------------------------------- building blocks
-
-def example_shapes(input_shape: Sequence[int] | None,
-                   example_input_array: Any) -> list[tuple[int, ...]]:
-    """Input shapes (batch dim included): the configured one, else the module's example."""
-    if input_shape is not None:
-        return [tuple(int(d) for d in input_shape)]
-    if isinstance(example_input_array, torch.Tensor):
-        return [tuple(example_input_array.shape)]
-    if isinstance(example_input_array, (tuple, list)) and example_input_array and all(
-            isinstance(t, torch.Tensor) for t in example_input_array):
-        return [tuple(t.shape) for t in example_input_array]
-    raise ValueError(
-        "DeployCallback needs the shape of an example input: pass input_shape (batch dim "
-        "included, e.g. [1, 3, 224, 224]) or set example_input_array on the LightningModule")
-
-
-def make_example(shapes: Sequence[Sequence[int]], seed: int = 0) -> Example:
-    """Seeded standard-normal inputs: zeros would hide wrong weights behind the biases."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = tuple(torch.randn(*s, generator=gen) for s in shapes)
-    return tensors[0] if len(tensors) == 1 else tensors
-
-
-def probe_forward(network: nn.Module, example: Example, expected: str | None = None) -> None:
-    """Run one forward pass; a mismatch names the given shape and what the model expects."""
-    from deployplug.pipeline import as_input_tuple, check_runs
-
-    hint = (f"The model expects {expected}. " if expected else "") + (
-        "Set DeployCallback(input_shape=...) to the shape the network takes.")
-    check_runs(network, as_input_tuple(example), hint=hint)
-
-
-def expected_shape_text(pl_module: nn.Module, network: nn.Module | None = None) -> str | None:
-    """What the model says its input looks like, for error messages."""
-    parts = []
-    example = getattr(pl_module, "example_input_array", None)
-    if isinstance(example, torch.Tensor):
-        parts.append(f"{tuple(example.shape)} (example_input_array)")
-    default = getattr(network if network is not None else pl_module, "default_input_shape", None)
-    if default is not None:
-        parts.append(f"{tuple(default)} (default_input_shape)")
-    return " or ".join(parts) or None
-
-
-def target_for(fmt: str, target: str | None) -> str:
-    """The target profile checked for ``fmt``: ``target`` when that format takes it."""
-    from deployplug.pipeline import resolve_target
-
-    return resolve_target(fmt, target).name
-
-
-def preflight_reports(network: nn.Module, example: Example, formats: Sequence[str],
-                      target: str | None, reparameterize: bool = True,
-                      onnx_options: dict[str, Any] | None = None) -> list[tuple[str, str, Any]]:
-    """``(format, target, CompatReport)`` for every requested format, without keeping files.
-
-    :func:`deployplug.check` runs the export's own steps (fusion when ``reparameterize``,
-    decomposition, the format's writer) on copies, so a passing report means the export
-    would write the files.
-    """
-    from deployplug.preflight import check
-
-    return [(fmt, target_for(fmt, target),
-             check(network, example, target_for(fmt, target), reparameterize=reparameterize,
-                   onnx_options=onnx_options if fmt == "onnx" else None))
-            for fmt in formats]
-
-
-def _batch_inputs(batch: Any, count: int) -> tuple[torch.Tensor, ...] | None:
-    """The model inputs of a ``(x, y)``-style batch (the first ``count`` tensors), if any."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,) if count == 1 else None
-    if isinstance(batch, (tuple, list)) and len(batch) >= count and all(
-            isinstance(t, torch.Tensor) for t in batch[:count]):
-        return tuple(batch[:count])
-    return None
-
-
-def validation_samples(loader: Any, shapes: Sequence[Sequence[int]], count: int = 2,
-                       max_batches: int = 2) -> list[Example]:
-    """Up to ``count`` real inputs of exactly the example's shapes, cut from the first batches.
-
-    Real images exercise value ranges a standard-normal example does not (a normalisation in
-    the forward, saturating activations). Batches whose per-sample shape differs from the
-    example's are not used (the export has a fixed shape); the caller is told by an empty list.
-    """
-    samples: list[Example] = []
-    if loader is None or count <= 0:
-        return samples
-    want = [tuple(int(d) for d in s) for s in shapes]
-    size = want[0][0]
-    for index, batch in enumerate(loader):
-        if index >= max_batches or len(samples) >= count:
-            break
-        inputs = _batch_inputs(batch, len(want))
-        if inputs is None or any(tuple(t.shape[1:]) != s[1:] or t.shape[0] != inputs[0].shape[0]
-                                 for t, s in zip(inputs, want, strict=True)):
-            break
-        for start in range(0, inputs[0].shape[0] - size + 1, size):
-            if len(samples) >= count:
-                break
-            piece = tuple(t[start:start + size].detach().to("cpu", torch.float32).clone()
-                          for t in inputs)
-            samples.append(piece[0] if len(piece) == 1 else piece)
-    return samples
-
-
-def _first_output(value: Any) -> torch.Tensor:
-    from deployplug.io_spec import flatten_outputs
-
-    return flatten_outputs(value)[0]
-
-
-def onnx_parity(onnx_path: str | Path, network: nn.Module, loader: Any,
-                prefix: str = "deploy") -> dict[str, float]:
-    """Top-1 agreement of the ONNX model with PyTorch, and both accuracies, over ``loader``.
-
-    ``network`` is the reference (the trained forward); its first output and the ONNX
-    model's first output are compared as ``(batch, classes)`` scores. A session whose batch
-    dimension is fixed is fed in chunks of that size (the last chunk zero-padded), so static
-    exports can be evaluated too.
-    """
-    import numpy as np
-    from torchmetrics.functional.classification import multiclass_accuracy
-
-    from deployplug.exporters.onnx import make_session
-
-    session = make_session(Path(onnx_path))
-    if len(session.get_inputs()) != 1:
-        raise ValueError(f"validation parity feeds one input; {onnx_path} takes "
-                         f"{len(session.get_inputs())}")
-    feed = session.get_inputs()[0]
-    fixed = feed.shape[0] if isinstance(feed.shape[0], int) and feed.shape[0] > 0 else None
-    torch_logits, onnx_logits, labels = [], [], []
-    for batch in loader:
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            x, y = batch[0], batch[1]
-        elif isinstance(batch, torch.Tensor):
-            x, y = batch, None
-        else:
-            raise ValueError(f"validation parity expects (inputs, labels) batches, got a "
-                             f"{type(batch).__name__}")
-        x = x.detach().to("cpu", torch.float32)
-        with torch.no_grad():
-            logits = _first_output(network(x))
-        if logits.ndim != 2:
-            raise ValueError(f"validation parity compares top-1 classes: the first output must "
-                             f"be (batch, classes) scores, got shape {tuple(logits.shape)}")
-        torch_logits.append(logits)
-        arr = x.numpy()
-        step = fixed or len(arr)
-        outs = []
-        for i in range(0, len(arr), step):
-            chunk = arr[i:i + step]
-            pad = step - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-            outs.append(session.run(None, {feed.name: chunk})[0][:step - pad])
-        onnx_logits.append(torch.from_numpy(np.concatenate(outs)))
-        if y is not None:
-            labels.append(y.detach().cpu())
-    if not torch_logits:
-        raise ValueError("the validation dataloader is empty")
-    t, o = torch.cat(torch_logits), torch.cat(onnx_logits)
-    num_classes = t.shape[1]
-    metrics = {f"{prefix}/onnx/val_agreement": float(multiclass_accuracy(
-        o, t.argmax(1), num_classes=num_classes, average="micro"))}
-    if labels:
-        y = torch.cat(labels)
-        metrics[f"{prefix}/onnx/val_acc"] = float(
-            multiclass_accuracy(o, y, num_classes=num_classes, average="micro"))
-        metrics[f"{prefix}/torch/val_acc"] = float(
-            multiclass_accuracy(t, y, num_classes=num_classes, average="micro"))
-    return metrics
-
-
-# --------------------------------------------------------------------------- callback
 
 class DeployCallback(Callback):
     """Fuse, export and verify what the LightningModule computes, without touching it.
@@ -251,8 +94,11 @@ class DeployCallback(Callback):
             ModelCheckpoint's best checkpoint changes, from that checkpoint's weights).
         verify: run each artifact in its runtime and compare with the LightningModule's
             forward.
-        validation_parity: after the final export, run the ONNX model over the validation
-            set and log top-1 agreement with PyTorch and both accuracies.
+        validation_parity: after the final export, run every exported format in its runtime
+            over the validation set and log, per format, the worst normalized error and, for
+            ``(batch, classes)`` outputs, top-1 agreement with PyTorch and accuracy
+            (``<prefix>/<format>/val_agreement``, ``.../val_acc``, ``.../val_max_error``).
+        parity_batches: validation batches the parity run reads; ``None`` reads them all.
         fail_on_error: raise when an export or verification fails (after the checkpoints are
             saved) instead of warning.
         preflight: at fit start, check what will be exported and that every format can take
@@ -279,6 +125,9 @@ class DeployCallback(Callback):
         export_timeout: seconds the other DDP ranks wait for rank zero's export.
         validation_samples: real validation inputs (of the example's shape) added to the
             verification samples; ``0`` uses the example and random inputs only.
+        log_artifacts: upload export folders to the loggers that store artifacts (MLflow,
+            W&B; TensorBoard gets the summary as text), like their ``log_model``: ``False``
+            never, ``True`` at the end of training, ``"all"`` as soon as each export lands.
     """
 
     def __init__(self, formats: str | Sequence[str] = ("onnx",), target: str | None = None,
@@ -293,32 +142,33 @@ class DeployCallback(Callback):
                  reparameterize: bool = True, metric_prefix: str | None = None,
                  trust_checkpoint: bool = False,
                  export_timeout: float = DEFAULT_EXPORT_TIMEOUT_S,
-                 validation_samples: int = 2):
+                 validation_samples: int = 2, parity_batches: int | None = None,
+                 log_artifacts: bool | Literal["all"] = False):
         super().__init__()
         self.formats = (formats,) if isinstance(formats, str) else tuple(formats)
         if not self.formats:
-            raise ValueError("DeployCallback needs at least one format")
+            raise ConfigError("DeployCallback needs at least one format")
         export_on = (export_on,) if isinstance(export_on, str) else tuple(export_on)
         bad = [t for t in export_on if t not in EXPORT_TRIGGERS]
         if bad:
-            raise ValueError(f"unknown export_on value(s) {bad}; choose from {EXPORT_TRIGGERS}")
+            raise ConfigError(f"unknown export_on value(s) {bad}; choose from {EXPORT_TRIGGERS}")
         if preflight not in PREFLIGHT_MODES:
-            raise ValueError(f"preflight must be one of {PREFLIGHT_MODES}, got {preflight!r}")
-        if validation_parity and "onnx" not in self.formats:
-            raise ValueError("validation_parity runs the ONNX artifact: add 'onnx' to formats")
+            raise ConfigError(f"preflight must be one of {PREFLIGHT_MODES}, got {preflight!r}")
         if validation_parity and accept_submodule_mismatch:
-            raise ValueError("validation_parity measures the LightningModule's predictions; with "
-                             "accept_submodule_mismatch the artifact computes something else")
+            raise ConfigError("validation_parity measures the LightningModule's predictions; with "
+                              "accept_submodule_mismatch the artifact computes something else")
         if input_shape is not None and (not input_shape or any(int(d) < 1 for d in input_shape)):
-            raise ValueError(f"input_shape must be positive sizes (batch first), got "
-                             f"{list(input_shape)}")
+            raise ConfigError(f"input_shape must be positive sizes (batch first), got "
+                              f"{list(input_shape)}")
         if not folder or Path(folder).name != folder:
-            raise ValueError(f"folder must be a plain folder name, got {folder!r}")
+            raise ConfigError(f"folder must be a plain folder name, got {folder!r}")
         prefix = folder if metric_prefix is None else metric_prefix.strip("/")
         if not prefix:
-            raise ValueError(f"metric_prefix must be a non-empty name, got {metric_prefix!r}")
+            raise ConfigError(f"metric_prefix must be a non-empty name, got {metric_prefix!r}")
         if validation_samples < 0:
-            raise ValueError(f"validation_samples must be >= 0, got {validation_samples}")
+            raise ConfigError(f"validation_samples must be >= 0, got {validation_samples}")
+        if parity_batches is not None and parity_batches < 1:
+            raise ConfigError(f"parity_batches must be None (all) or >= 1, got {parity_batches}")
         self.target = target
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         self.dirpath = dirpath
@@ -339,6 +189,9 @@ class DeployCallback(Callback):
         self.trust_checkpoint = trust_checkpoint
         self.export_timeout = float(export_timeout)
         self.validation_samples = int(validation_samples)
+        self.parity_batches = None if parity_batches is None else int(parity_batches)
+        self._artifacts = ArtifactLogging(log_artifacts, folder)
+        self.log_artifacts: LogMode = self._artifacts.mode
         self._sync = ExportSync(self.export_timeout)
         # Persistent state (see state_dict): what was exported, and the best checkpoint seen.
         self.exports: dict[str, dict[str, Any]] = {}
@@ -371,11 +224,11 @@ class DeployCallback(Callback):
             if not isinstance(other, DeployCallback) or other is self:
                 continue
             if other._resolve_root(trainer) == self._root:
-                raise ValueError(
+                raise ConfigError(
                     f"two DeployCallbacks would write to {self._root}; give each its own "
                     "folder (or dirpath)")
             if other.metric_prefix == self.metric_prefix:
-                raise ValueError(
+                raise ConfigError(
                     f"two DeployCallbacks would log under '{self.metric_prefix}/'; give each "
                     "its own metric_prefix (or folder)")
         self._shapes = example_shapes(self.input_shape,
@@ -425,7 +278,7 @@ class DeployCallback(Callback):
         # before the datamodule's own teardown may release its data.
         self._final_pending = True
         if trainer.is_global_zero and (self.validation_parity or self.validation_samples):
-            self._final_loader = _validation_loader(trainer)
+            self._final_loader = validation_loader(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._accept_loaded_state = True  # a test/validate restore that had no state for us
@@ -438,6 +291,10 @@ class DeployCallback(Callback):
                     self._maybe_export_best(trainer, pl_module)
                 if "fit_end" in self.export_on:
                     self._collective(trainer, lambda: self._export_final(trainer, pl_module))
+                if trainer.is_global_zero:
+                    best = self.last_exported_best
+                    self._artifacts.fit_end(trainer, self.exports,
+                                            None if best is None else checkpoint_tag(best))
         finally:
             self._final_loader = None
             self._sync.close()
@@ -492,7 +349,7 @@ class DeployCallback(Callback):
         error: BaseException | None = None
         if trainer.is_global_zero:
             try:
-                _require_writable_folder(self._root)
+                require_writable_folder(self._root)
                 if "fit_end" in self.export_on:
                     check_output_dir(self._root / FINAL_TAG)
                     check_output_dir(failed_path(self._root / FINAL_TAG))
@@ -508,9 +365,8 @@ class DeployCallback(Callback):
         assert self._shapes is not None, "on_fit_start resolves the example shape"
         return make_example(self._shapes)
 
-    def _onnx_options(self) -> dict[str, Any]:
-        return {"dynamo": self.onnx_dynamo, "opset": self.opset,
-                "dynamic_batch": self.dynamic_batch or self.validation_parity}
+    def _settings(self) -> DeploySettings:
+        return DeploySettings.from_object(self)
 
     def _subject(self, lit: nn.Module, samples: Sequence[Example]) -> ExportSubject:
         expected = expected_shape_text(lit, getattr(lit, "net", None))
@@ -526,7 +382,7 @@ class DeployCallback(Callback):
             failed = []
             for fmt, target, report in preflight_reports(
                     subject.model, example, self.formats, self.target, self.reparameterize,
-                    self._onnx_options()):
+                    self._settings().onnx_options()):
                 rank_zero_info(f"DeployCallback pre-flight [{fmt} -> {target}]\n{report}")
                 if not report.passed:
                     failed.append(report)
@@ -552,7 +408,8 @@ class DeployCallback(Callback):
             return
         if not self.fail_on_error:
             rank_zero_warn(f"DeployCallback: {message}. Training finished and the checkpoints "
-                           "are intact; fix the cause and export them with `deployplug export`.")
+                           "are intact; fix the cause and export one with `deployplug export "
+                           "--checkpoint CKPT --config <the fit config(s) of this run>`.")
             return
         if error is not None:
             raise error
@@ -578,7 +435,8 @@ class DeployCallback(Callback):
             return
         # Rank zero's view decides, so ranks that track an unsynced metric cannot diverge
         # into a collective that only some of them enter.
-        key = self._broadcast(trainer, _best_key(trainer) if trainer.is_global_zero else None)
+        mine = best_checkpoint_key(trainer) if trainer.is_global_zero else None
+        key = self._broadcast(trainer, mine)
         if key is None or key == self.best_key:
             if trainer.is_global_zero:
                 self._prune_deleted()
@@ -591,13 +449,13 @@ class DeployCallback(Callback):
             self._prune_deleted()
             lit = lightning_copy(pl_module)
             info = load_weights(lit, best, "", trust_checkpoint=self.trust_checkpoint)
-            tag = _checkpoint_tag(best)
+            tag = checkpoint_tag(best)
             if self._already_exported(tag, info.sha256):
                 rank_zero_info(f"DeployCallback: {best} is already exported in {self._root}/{tag}")
                 return
             example = self._example()
             assert self._shapes is not None
-            real = validation_samples(_validation_loader(trainer), self._shapes,
+            real = validation_samples(validation_loader(trainer), self._shapes,
                                       self.validation_samples)
             subject = self._subject(lit, [example, *real])
             self._export(trainer, subject, tag, example, real, info.metadata(), source=best)
@@ -612,11 +470,10 @@ class DeployCallback(Callback):
         otherwise export an unchanged best checkpoint again.
         """
         assert self._root is not None
-        manifest = _read_manifest(self._root / tag) or {}
-        extra = manifest.get("extra") or {}
-        if manifest.get("passed") is not True or extra.get("checkpoint_sha256") != sha256 \
-                or extra.get("tag") != tag:
+        manifest = passed_export_of(self._root / tag, tag, sha256)
+        if manifest is None:
             return False
+        extra = manifest.get("extra") or {}
         self.exports.setdefault(tag, {
             "dir": str(self._root / tag), "passed": True, "formats": list(manifest.get(
                 "formats") or {}), "target": self.target, "source": extra.get("source_checkpoint"),
@@ -640,7 +497,7 @@ class DeployCallback(Callback):
                 continue
             folder = Path(info["dir"])
             for candidate in (folder, failed_path(folder)):
-                if _owned_export(candidate, source, tag):
+                if owned_export(candidate, source, tag):
                     shutil.rmtree(candidate)
                 elif candidate.exists():
                     rank_zero_warn(f"DeployCallback: left {candidate} in place: it holds files "
@@ -650,11 +507,9 @@ class DeployCallback(Callback):
     def _export(self, trainer: pl.Trainer, subject: ExportSubject, tag: str, example: Example,
                 real: Sequence[Example], metadata: dict[str, Any],
                 source: str | None = None) -> Any:
-        from deployplug import pipeline
-
         assert self._root is not None, "on_fit_start resolves the output folder"
         out_dir = self._root / tag
-        extra = {"tag": tag, "source_checkpoint": source, **metadata, **subject.metadata()}
+        extra = {"tag": tag, "source_checkpoint": source, **metadata}
         record: dict[str, Any] = {
             "dir": str(out_dir), "passed": False, "formats": list(self.formats),
             "target": self.target, "source": source,
@@ -663,12 +518,7 @@ class DeployCallback(Callback):
             "exported_module": subject.name, "metrics": {}}
         prefix = self.metric_prefix if tag == FINAL_TAG else f"{self.metric_prefix}/best"
         try:
-            manifest = pipeline.export(
-                subject.model, example, out_dir, formats=self.formats, target=self.target,
-                reparameterize=self.reparameterize, verify=self.verify,
-                tolerance=self.tolerance, onnx_options=self._onnx_options(),
-                extra_inputs=list(real), strict=True, metadata=extra,
-                reference_model=subject.reference)
+            manifest = export_subject(subject, example, real, out_dir, self._settings(), extra)
         except DeployError as exc:
             self._record_failure(trainer, tag, record, exc, prefix)
             raise
@@ -679,6 +529,8 @@ class DeployCallback(Callback):
         record.update(dir=str(manifest.dir), passed=bool(manifest.passed),
                       metrics={k: float(v) for k, v in metrics.items()})
         self.exports[tag] = record
+        if manifest.passed:
+            self._artifacts.landed(trainer, tag, manifest, best=tag != FINAL_TAG)
         return manifest
 
     def _record_failure(self, trainer: pl.Trainer, tag: str, record: dict[str, Any],
@@ -703,24 +555,23 @@ class DeployCallback(Callback):
         self.exports[tag] = record
 
     def _parity(self, trainer: pl.Trainer, subject: ExportSubject, manifest: Any) -> None:
+        """Every landed format over the validation set; numbers to the loggers."""
         loader = self._final_loader
         if loader is None:
             rank_zero_warn("DeployCallback: validation_parity is on but there is no validation "
                            "dataloader; skipped")
             return
-        onnx_file = manifest.artifact("onnx")
         try:
-            metrics = onnx_parity(onnx_file, subject.reference, loader,
-                                  prefix=self.metric_prefix)
+            result = parity.validation_parity(manifest, subject.reference, loader,
+                                              max_batches=self.parity_batches)
         except Exception as exc:
             raise ParityError(
-                f"running {onnx_file} over the validation set failed with "
-                f"{type(exc).__name__}: {exc}. The artifact itself is exported and verified; "
-                "set validation_parity=False to skip this measurement") from exc
+                f"{' '.join(str(exc).split())}. The artifacts themselves are exported and "
+                "verified; set validation_parity=False to skip this measurement") from exc
+        metrics = result.metrics(self.metric_prefix)
         self._log(trainer, metrics)
         self.exports[FINAL_TAG]["metrics"].update(metrics)
-        rank_zero_info("DeployCallback validation parity: " +
-                       ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        rank_zero_info(f"DeployCallback {result}")
 
     @staticmethod
     def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
@@ -744,84 +595,3 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, VerificationError):
         return f"export verification failed with VerificationError: {error}{where}"
     return f"deployment export failed with {type(error).__name__}: {error}{where}"
-
-
-def _require_writable_folder(root: Path) -> None:
-    """``root`` (the folder of exports) is a writable directory or can be created as one."""
-    from deployplug.errors import OutputDirectoryError
-
-    existing = root
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if root.is_symlink() or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        what = "a file" if existing.exists() and not existing.is_dir() else "not writable"
-        raise OutputDirectoryError(
-            f"DeployCallback cannot write its exports under {root}: {existing} is {what}. "
-            "Pass a writable DeployCallback(dirpath=...) or fix the permissions")
-
-
-def _best_key(trainer: pl.Trainer) -> list[Any] | None:
-    """What identifies the best checkpoint's *content*: path, score, size and mtime.
-
-    ModelCheckpoint reuses a file name when its ``filename`` has no placeholders, so the path
-    alone would never change after the first save.
-    """
-    ckpt = trainer.checkpoint_callback
-    path = getattr(ckpt, "best_model_path", "") or ""
-    if not path:
-        return None
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    score = getattr(ckpt, "best_model_score", None)
-    score_text = None if score is None else repr(float(score))
-    return [str(path), score_text, int(stat.st_size), int(stat.st_mtime_ns)]
-
-
-def _checkpoint_tag(path: str) -> str:
-    """The export folder name of a checkpoint: its stem, kept apart from the final export."""
-    stem = Path(path).stem
-    return stem if stem != FINAL_TAG else f"{FINAL_TAG}-checkpoint"
-
-
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    from deployplug.manifest import MANIFEST_FILE
-
-    path = folder / MANIFEST_FILE
-    try:
-        if not path.is_file() or path.stat().st_size > (16 << 20):
-            return None
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _owned_export(folder: Path, source: str, tag: str) -> bool:
-    """Whether ``folder`` is an export this callback wrote from ``source`` and nothing else."""
-    from deployplug.manifest import MANIFEST_FILE
-
-    if folder.is_symlink() or not folder.is_dir():
-        return False
-    manifest = _read_manifest(folder)
-    extra = (manifest or {}).get("extra") or {}
-    if extra.get("source_checkpoint") != source or extra.get("tag") != tag:
-        return False
-    listed = {f.get("name") for f in manifest.get("files", []) if isinstance(f, dict)}
-    present = {p.name for p in folder.iterdir()}
-    return present <= listed | {MANIFEST_FILE}
-
-
-def _validation_loader(trainer: pl.Trainer) -> Any:
-    """A fresh, non-distributed validation loader if the datamodule makes one."""
-    datamodule = trainer.datamodule
-    if datamodule is not None:
-        try:
-            return datamodule.val_dataloader()
-        except Exception:  # a datamodule without validation data: fall back to the trainer's
-            pass
-    loaders = trainer.val_dataloaders
-    if isinstance(loaders, (list, tuple)):
-        return loaders[0] if loaders else None
-    return loaders

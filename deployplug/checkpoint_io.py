@@ -133,7 +133,8 @@ def apply_weights(module: nn.Module, ckpt: Mapping[str, Any], path: str | Path,
         raise CheckpointLoadError(
             f"checkpoint {path} does not fit {type(module).__name__}: missing keys "
             f"{_names(missing)}, unexpected keys {_names(unexpected)}; it was written for a "
-            "different model (check the config or the module_attr setting)")
+            "different model (give the fit config it was trained with, command line: "
+            "--config)")
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in weights.items()
              if tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
@@ -142,17 +143,19 @@ def apply_weights(module: nn.Module, ckpt: Mapping[str, Any], path: str | Path,
     module.load_state_dict(weights, strict=True)
 
 
-def hyperparameters(ckpt: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+def hyperparameters(ckpt: Mapping[str, Any], path: str | Path,
+                    key: str = "hyper_parameters") -> dict[str, Any]:
     """The ``__init__`` arguments Lightning stored (``save_hyperparameters``), checked.
 
-    Keys starting with ``_`` are Lightning's bookkeeping (e.g. LightningCLI's instantiator),
-    not arguments.
+    ``key`` is ``hyper_parameters`` for the LightningModule, ``datamodule_hyper_parameters``
+    for the DataModule. Keys starting with ``_`` are Lightning's bookkeeping (LightningCLI's
+    ``_class_path`` and ``_instantiator``), not arguments.
     """
-    hparams = ckpt.get("hyper_parameters")
+    hparams = ckpt.get(key)
     if hparams is None:
         return {}
     if not isinstance(hparams, Mapping) or not all(isinstance(k, str) for k in hparams):
-        raise CheckpointLoadError(f"checkpoint {path}: 'hyper_parameters' is not a mapping of "
+        raise CheckpointLoadError(f"checkpoint {path}: {key!r} is not a mapping of "
                                   "argument names to values")
     return {k: v for k, v in hparams.items() if not k.startswith("_")}
 

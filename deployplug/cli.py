@@ -1,19 +1,21 @@
 """The ``deployplug`` command.
 
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands driven by YAML
-configs (``deployplug fit --config configs/repvgg_digits.yaml``). Three more work without
-training, because exporting an existing checkpoint should not require retraining:
+configs naming any LightningModule and LightningDataModule (``class_path`` + ``init_args``;
+see :mod:`deployplug.cli_config`), e.g. ``deployplug fit --config my_fit.yaml --config
+configs/deploy.yaml``. Three more work without training, because exporting an existing
+checkpoint should not require retraining:
 
-* ``export``  - export a checkpoint with the settings of the config's DeployCallback;
+* ``export``  - export a checkpoint exactly as the config's DeployCallback would have;
 * ``verify``  - re-check an artifact directory against its recorded PyTorch outputs;
 * ``check``   - pre-flight: can the configured formats/targets take this model at all?
 
 Exit codes: 0 success, 1 a verification or compatibility check failed, 2 an error prevented
-the command from finishing. For ``verify``: 1 when the directory does not match its manifest
-(integrity), when an artifact's outputs differ from the recorded ones, or when an artifact
-cannot run in its runtime; 2 (with a one-line ``error:`` message) when the directory cannot be
-checked at all: no or malformed ``manifest.json`` or ``reference.npz``, a file over the size or
-tensor limits, bad arguments.
+the command from finishing, reported as one ``error:`` line on stderr that names the flag to
+change. For ``verify``: 1 when the directory does not match its manifest (integrity), when an
+artifact's outputs differ from the recorded ones, or when an artifact cannot run in its
+runtime; 2 when the directory cannot be checked at all: no or malformed ``manifest.json`` or
+``reference.npz``, a file over the size or tensor limits, bad arguments.
 """
 
 from __future__ import annotations
@@ -22,66 +24,65 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+from deployplug.cli_config import LIGHTNING_COMMANDS, one_line
+
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
+#: How the command line spells the example-shape setting in messages.
+SHAPE_OPTION = "--input-shape"
 
 
-def lightning_cli(args: Sequence[str] | None, run: bool = True) -> Any:
-    """The LightningCLI behind ``fit``/``validate``/``test`` and config loading elsewhere.
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are one ``error:`` line and exit code 2, not the usage text."""
 
-    The model is :class:`deployplug.lit.ClassifierModule`; the data may be any
-    LightningDataModule given by ``class_path`` (e.g. ``deployplug.data.DigitsDataModule``).
-    """
-    import pytorch_lightning as pl
-    from pytorch_lightning.cli import LightningCLI
+    def error(self, message: str) -> NoReturn:
+        from deployplug.errors import ConfigError
 
-    from deployplug.lit import ClassifierModule
+        raise ConfigError(f"{self.prog}: {message}")
 
-    return LightningCLI(
-        ClassifierModule, pl.LightningDataModule, subclass_mode_data=True,
-        args=list(args) if args is not None else None, run=run,
-        save_config_kwargs={"overwrite": True},
-    )
+
+def _error(exc: BaseException) -> int:
+    print(f"error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+#: What ends a command with exit code 2 (anything else is a bug and keeps its traceback).
+def _command_errors() -> tuple[type[BaseException], ...]:
+    from deployplug.errors import DeployError
+
+    return (DeployError, OSError, KeyError, ValueError, RuntimeError)
 
 
 # --------------------------------------------------------------------------- shared pieces
 
-def _deploy_callback(trainer: Any) -> Any:
-    """The first DeployCallback configured on ``trainer`` (or None)."""
-    from deployplug.callback import DeployCallback
-
-    return next((cb for cb in trainer.callbacks if isinstance(cb, DeployCallback)), None)
-
-
-def _load_config(configs: Sequence[str]) -> tuple[Any, Any, Any]:
-    """(LightningModule, DeployCallback or None, datamodule) built from fit-style configs."""
-    args: list[str] = []
-    for cfg in configs:
-        args += ["--config", cfg]
-    cli = lightning_cli(args, run=False)
-    return cli.model, _deploy_callback(cli.trainer), cli.datamodule
-
-
-def _settings(callback: Any, opts: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+def _settings(callback: Any, opts: argparse.Namespace) -> Any:
     """Command-line values win; otherwise the config's DeployCallback; otherwise its defaults."""
     from deployplug.callback import DeployCallback
+    from deployplug.deploy_steps import DeploySettings
+    from deployplug.errors import ConfigError
 
+    shape = getattr(opts, "input_shape", None)
+    if shape is not None and any(d < 1 for d in shape):
+        raise ConfigError(f"--input-shape must be positive sizes, batch first; got {shape}")
+    batches = getattr(opts, "parity_batches", None)
+    if batches is not None and batches < 1:
+        raise ConfigError(f"--parity-batches must be at least 1, got {batches}")
     source = callback if callback is not None else DeployCallback()
-    out = {}
-    for name in names:
-        value = getattr(opts, name, None)
-        out[name] = value if value is not None else getattr(source, name)
-    return out
+    return DeploySettings.from_object(source, vars(opts))
 
 
 def _add_deploy_options(parser: argparse.ArgumentParser) -> None:
+    from deployplug.exporters import formats
+    from deployplug.profiles import targets
+
     parser.add_argument("--config", "-c", action="append", default=[],
-                        help="fit config(s) naming the model and the DeployCallback settings "
-                             "(repeatable, later files override earlier ones)")
-    parser.add_argument("--formats", nargs="+", help="formats, e.g. onnx caffe msnhnet")
-    parser.add_argument("--target", help="target profile refining a format, e.g. om")
+                        help="fit config(s) naming the model, the data and the DeployCallback "
+                             "settings (repeatable, later files override earlier ones)")
+    parser.add_argument("--formats", nargs="+", choices=formats(),
+                        help="formats, e.g. onnx caffe msnhnet")
+    parser.add_argument("--target", choices=sorted(t.name for t in targets()),
+                        help="target profile refining a format, e.g. om")
     parser.add_argument("--input-shape", dest="input_shape", type=int, nargs="+",
                         help="example input shape with the batch dim, e.g. 1 3 224 224")
     parser.add_argument("--no-reparameterize", dest="reparameterize", action="store_const",
@@ -95,53 +96,53 @@ def _add_deploy_options(parser: argparse.ArgumentParser) -> None:
                              "than the forward")
 
 
-def _subject(module: Any, example: Any, settings: dict[str, Any]) -> Any:
+def _subject(module: Any, samples: Sequence[Any], settings: Any) -> Any:
     """What to export from ``module`` (a CPU copy) and the forward it is checked against."""
-    from deployplug.callback import expected_shape_text, probe_forward
+    from deployplug.errors import ConfigError
+    from deployplug.examples import expected_shape_text, probe_forward
     from deployplug.export_subject import resolve_subject
 
-    probe_forward(module, example, expected_shape_text(module, getattr(module, "net", None)))
-    return resolve_subject(module, [example], settings["module_attr"],
-                           bool(settings["accept_submodule_mismatch"]))
-
-
-def _checkpoint_module(ckpt: Any, path: Path) -> Any:
-    """The ClassifierModule a checkpoint's stored hyperparameters describe (no config given)."""
-    from deployplug.checkpoint_io import hyperparameters
-    from deployplug.errors import CheckpointLoadError
-    from deployplug.lit import ClassifierModule
-
+    probe_forward(module, samples[0], expected_shape_text(module, getattr(module, "net", None)),
+                  option=SHAPE_OPTION)
     try:
-        return ClassifierModule(**hyperparameters(ckpt, path))
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointLoadError(
-            f"checkpoint {path}: its hyperparameters do not build a ClassifierModule "
-            f"({type(exc).__name__}: {exc}); pass the fit config with --config") from exc
+        return resolve_subject(module, samples, settings.module_attr,
+                               bool(settings.accept_submodule_mismatch))
+    except ValueError as exc:  # a submodule path that does not exist
+        raise ConfigError(f"--module-attr {settings.module_attr!r}: {exc}") from exc
 
 
 def _default_out(ckpt: Path, callback: Any) -> Path:
+    """Where the callback would have put this checkpoint's export."""
+    from deployplug.export_folders import checkpoint_tag
+
+    tag = checkpoint_tag(str(ckpt))
     if callback is not None and callback.dirpath:
-        return Path(callback.dirpath) / ckpt.stem
-    return ckpt.resolve().parent.parent / "deploy" / ckpt.stem
+        return Path(callback.dirpath) / tag
+    folder = callback.folder if callback is not None else "deploy"
+    return ckpt.resolve().parent.parent / folder / tag
+
+
+def _val_loader(datamodule: Any) -> Any:
+    """The datamodule's validation loader, prepared the way ``trainer.validate`` would."""
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    return datamodule.val_dataloader()
 
 
 # --------------------------------------------------------------------------- export
 
-EXPORT_SETTINGS = ("formats", "target", "input_shape", "tolerance", "opset", "onnx_dynamo",
-                   "dynamic_batch", "verify", "validation_parity", "module_attr",
-                   "accept_submodule_mismatch", "reparameterize")
-
-
-def _export(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+def _export_parser() -> _Parser:
+    parser = _Parser(
         prog="deployplug export",
         description="Export a Lightning checkpoint without retraining, verify the files and "
-                    "write them with a manifest. What is exported is what the LightningModule's "
-                    "forward computes, with the checkpoint's weights.")
+                    "write them with a manifest, exactly as the config's first DeployCallback "
+                    "would have. What is exported is what the LightningModule's forward "
+                    "computes, with the checkpoint's weights; without --config, the module "
+                    "(and data) are rebuilt from what LightningCLI stored in the checkpoint.")
     parser.add_argument("--checkpoint", "--ckpt", required=True, help="the .ckpt file")
     _add_deploy_options(parser)
-    parser.add_argument("--out", help="artifact directory (default: <run dir>/deploy/<ckpt "
-                                      "name>, beside the checkpoints folder)")
+    parser.add_argument("--out", help="artifact directory (default: where the callback puts "
+                                      "this checkpoint's export: <run dir>/deploy/<ckpt name>)")
     parser.add_argument("--tolerance", type=float)
     parser.add_argument("--opset", type=int)
     parser.add_argument("--dynamo", dest="onnx_dynamo", action="store_const", const=True,
@@ -150,77 +151,113 @@ def _export(argv: Sequence[str]) -> int:
                         const=True, help="give the ONNX model a dynamic batch dimension")
     parser.add_argument("--no-verify", dest="verify", action="store_const", const=False)
     parser.add_argument("--parity", dest="validation_parity", action="store_const", const=True,
-                        help="also compare ONNX and PyTorch on the config's validation data")
+                        help="also run every exported format over the validation data and "
+                             "compare it with PyTorch")
+    parser.add_argument("--parity-batches", dest="parity_batches", type=int,
+                        help="validation batches --parity reads (default: all)")
     parser.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
                         help="read the checkpoint with full unpickling; this runs any code the "
                              "file contains, so only for files you trust")
-    opts = parser.parse_args(argv)
+    return parser
+
+
+def _export(argv: Sequence[str]) -> int:
+    opts = _export_parser().parse_args(argv)
 
     from deployplug import pipeline
-    from deployplug.callback import example_shapes, make_example, onnx_parity
-    from deployplug.checkpoint_io import apply_weights, read_checkpoint
-    from deployplug.errors import DeployError, ParityError, VerificationError
-    from deployplug.export_subject import lightning_copy
+    from deployplug.errors import VerificationError
     from deployplug.outdir import check_output_dir
 
-    ckpt = Path(opts.checkpoint)
     try:
         if opts.out:  # refuse a foreign directory before spending time on anything else
             check_output_dir(opts.out)
             check_output_dir(pipeline.failed_path(Path(opts.out)))
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-        module, callback, datamodule = _load_config(opts.config) if opts.config else (
-            None, None, None)
-        out_dir = Path(opts.out) if opts.out else _default_out(ckpt, callback)
-        check_output_dir(out_dir)  # before the checkpoint is read or anything is exported
-        check_output_dir(pipeline.failed_path(out_dir))
-        state, info = read_checkpoint(ckpt, trust_checkpoint=opts.trust_checkpoint)
-        if module is None:
-            module = _checkpoint_module(state, ckpt)
-        s = _settings(callback, opts, EXPORT_SETTINGS)
-        lit = lightning_copy(module)
-        apply_weights(lit, state, ckpt)
-        example = make_example(example_shapes(s["input_shape"],
-                                              getattr(module, "example_input_array", None)))
-        subject = _subject(lit, example, s)
-        parity = bool(s["validation_parity"]) and datamodule is not None
-        if parity and not subject.reproduces_forward:
-            raise ValueError("--parity measures the LightningModule's predictions; the exported "
-                             "submodule computes something else")
-        manifest = pipeline.export(
-            subject.model, example, out_dir, formats=s["formats"], target=s["target"],
-            reparameterize=s["reparameterize"], verify=s["verify"], tolerance=s["tolerance"],
-            onnx_options={"dynamo": s["onnx_dynamo"], "opset": s["opset"],
-                          "dynamic_batch": bool(s["dynamic_batch"]) or parity},
-            strict=True, metadata={**info.metadata(), **subject.metadata()},
-            reference_model=subject.reference)
-        print(manifest)
-        if parity and "onnx" in manifest.formats:
-            datamodule.setup("validate")
-            try:
-                metrics = onnx_parity(manifest.artifact("onnx"), subject.reference,
-                                      datamodule.val_dataloader())
-            except Exception as exc:
-                raise ParityError(f"running {manifest.artifact('onnx')} over the validation set "
-                                  f"failed with {type(exc).__name__}: {exc}") from exc
-            print("validation parity: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        manifest, settings = _run_export(opts)
     except VerificationError as exc:
         if exc.manifest is not None:
             print(exc.manifest)
         print(exc.report)
-        print(f"verification failed: the failed files are in {exc.failed_dir}", file=sys.stderr)
+        print(f"error: verification failed: the failed files are in {exc.failed_dir}",
+              file=sys.stderr)
         return EXIT_FAILED
-    except (DeployError, OSError, KeyError, ValueError, RuntimeError) as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    return EXIT_OK if manifest.passed or not s["verify"] else EXIT_FAILED
+    except _command_errors() as exc:
+        return _error(exc)
+    return EXIT_OK if manifest.passed or not settings.verify else EXIT_FAILED
+
+
+def _run_export(opts: argparse.Namespace) -> tuple[Any, Any]:
+    from deployplug.checkpoint_io import apply_weights, read_checkpoint
+    from deployplug.cli_config import (
+        datamodule_from_checkpoint,
+        load_config,
+        module_from_checkpoint,
+    )
+    from deployplug.deploy_steps import export_subject
+    from deployplug.errors import CheckpointLoadError, ConfigError
+    from deployplug.examples import example_shapes, make_example, validation_samples
+    from deployplug.export_subject import lightning_copy
+    from deployplug.outdir import check_output_dir
+    from deployplug.pipeline import failed_path
+
+    ckpt = Path(opts.checkpoint)
+    if not ckpt.is_file():
+        raise CheckpointLoadError(f"--checkpoint {ckpt}: no such file")
+    module, callback, datamodule = load_config(opts.config) if opts.config else (
+        None, None, None)
+    settings = _settings(callback, opts)
+    out_dir = Path(opts.out) if opts.out else _default_out(ckpt, callback)
+    check_output_dir(out_dir)  # before the checkpoint is read or anything is exported
+    check_output_dir(failed_path(out_dir))
+    state, info = read_checkpoint(ckpt, trust_checkpoint=opts.trust_checkpoint)
+    if module is None:
+        module = module_from_checkpoint(state, ckpt)
+        try:
+            datamodule = datamodule_from_checkpoint(state, ckpt)
+        except CheckpointLoadError as exc:
+            if settings.validation_parity:
+                raise
+            print(f"note: verifying without validation inputs: {one_line(exc)}",
+                  file=sys.stderr)
+    lit = lightning_copy(module)
+    apply_weights(lit, state, ckpt)
+    shapes = example_shapes(settings.input_shape, getattr(module, "example_input_array", None),
+                            option=SHAPE_OPTION)
+    example = make_example(shapes)
+    wants_data = settings.validation_parity or settings.validation_samples > 0
+    loader = _val_loader(datamodule) if datamodule is not None and wants_data else None
+    real = validation_samples(loader, shapes, settings.validation_samples)
+    subject = _subject(lit, [example, *real], settings)
+    if settings.validation_parity:
+        if loader is None:
+            raise ConfigError("--parity needs validation data: give the fit config whose data "
+                              "section makes it (--config)")
+        if not subject.reproduces_forward:
+            raise ConfigError("--parity measures the LightningModule's predictions; the "
+                              "exported submodule (--accept-submodule-mismatch) computes "
+                              "something else")
+    manifest = export_subject(subject, example, real, out_dir, settings, info.metadata())
+    print(manifest)
+    if settings.validation_parity:
+        print(_parity(manifest, subject.reference, loader, settings.parity_batches))
+    return manifest, settings
+
+
+def _parity(manifest: Any, reference: Any, loader: Any, batches: int | None) -> Any:
+    from deployplug.errors import ParityError
+    from deployplug.parity import validation_parity
+
+    try:
+        return validation_parity(manifest, reference, loader, max_batches=batches)
+    except Exception as exc:
+        raise ParityError(f"--parity: {one_line(exc)}; the artifacts in {manifest.dir} are "
+                          "exported and verified (drop --parity to skip this measurement)"
+                          ) from exc
 
 
 # --------------------------------------------------------------------------- verify
 
 def _verify(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deployplug verify",
         description="Check DIR against its manifest (file names, file types, sizes, sha256), "
                     "then re-run every artifact and compare it with the PyTorch outputs "
@@ -245,11 +282,10 @@ def _verify(argv: Sequence[str]) -> int:
     try:
         report = verify(opts.dir, tolerance=opts.tolerance, max_bytes=opts.max_bytes)
     except IntegrityError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:  # any file, however damaged, ends in one line and exit code 2
-        print(f"error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_ERROR
+        return _error(exc)
     print(report)
     if report.passed:
         return EXIT_OK
@@ -264,16 +300,17 @@ def _verify(argv: Sequence[str]) -> int:
         why = f"verification failed: {reasons[0] if reasons else 'nothing was compared'}"
         more = max(len(reasons) - 1, 0)
     suffix = f" (and {more} more, see the report above)" if more else ""
-    print(f"error: {' '.join(why.split())}{suffix}", file=sys.stderr)
+    print(f"error: {one_line(why)}{suffix}", file=sys.stderr)
     return EXIT_FAILED
 
 
 # --------------------------------------------------------------------------- check
 
 def _check(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deployplug check",
-        description="Pre-flight without training or writing files: report every op the "
+        description="Pre-flight without training or writing files, exactly as the config's "
+                    "first DeployCallback runs it at fit start: report every op the "
                     "configured formats/targets cannot take.")
     _add_deploy_options(parser)
     parser.add_argument("--model", help="zoo model name, instead of a config")
@@ -283,13 +320,14 @@ def _check(argv: Sequence[str]) -> int:
     if not opts.config and not opts.model:
         parser.error("give --config (a fit config) or --model (a zoo model name)")
 
-    from deployplug.callback import example_shapes, make_example, preflight_reports
-    from deployplug.errors import DeployError
+    from deployplug.cli_config import load_config
+    from deployplug.deploy_steps import preflight_reports
+    from deployplug.examples import example_shapes, make_example
     from deployplug.export_subject import lightning_copy
 
     try:
         if opts.config:
-            module, callback, _ = _load_config(opts.config)
+            module, callback, _ = load_config(opts.config)
             declared = getattr(module, "example_input_array", None)
         else:
             from deployplug import models
@@ -299,20 +337,35 @@ def _check(argv: Sequence[str]) -> int:
             callback, declared = None, None
             if opts.input_shape is None:
                 opts.input_shape = list(module.default_input_shape)
-        s = _settings(callback, opts, ("formats", "target", "input_shape", "module_attr",
-                                       "accept_submodule_mismatch", "reparameterize"))
-        example = make_example(example_shapes(s["input_shape"], declared))
-        subject = _subject(lightning_copy(module), example, s)
+        settings = _settings(callback, opts)
+        example = make_example(example_shapes(settings.input_shape, declared,
+                                              option=SHAPE_OPTION))
+        subject = _subject(lightning_copy(module), [example], settings)
         print(f"exported module: {subject.name}")
-        reports = preflight_reports(subject.model, example, s["formats"], s["target"],
-                                    reparameterize=s["reparameterize"])
-    except (DeployError, OSError, KeyError, ValueError, RuntimeError) as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        reports = preflight_reports(subject.model, example, settings.formats, settings.target,
+                                    reparameterize=settings.reparameterize,
+                                    onnx_options=settings.onnx_options())
+    except _command_errors() as exc:
+        return _error(exc)
     for fmt, target, report in reports:
         print(f"[{fmt} -> {target}]")
         print(report)
     return EXIT_OK if all(r.passed for _, _, r in reports) else EXIT_FAILED
+
+
+# --------------------------------------------------------------------------- training
+
+def _train(args: Sequence[str]) -> int:
+    """``fit`` / ``validate`` / ``test`` / ``predict`` through LightningCLI.
+
+    Config mistakes and deployplug's own failures (a pre-flight that stops the fit, an
+    output folder it may not write) are one line; errors raised by the user's training code
+    keep their traceback.
+    """
+    from deployplug.cli_config import lightning_cli
+
+    lightning_cli(args)
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -322,14 +375,17 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 
 USAGE = """usage: deployplug <command> [options]
 
-training (LightningCLI; see `deployplug fit --help`):
-  fit        train with a config, e.g. deployplug fit --config configs/repvgg_digits.yaml
+training (LightningCLI, any LightningModule / DataModule by class_path; see `deployplug fit
+--help`):
+  fit        train with a config, e.g. deployplug fit --config my_fit.yaml \\
+                 --config configs/deploy.yaml
   validate   run the validation loop
   test       run the test loop
   predict    run prediction
 
 deployment:
-  export     export a checkpoint: deployplug export --checkpoint CKPT [--config CFG]
+  export     export a checkpoint as the config's DeployCallback would:
+             deployplug export --checkpoint CKPT [--config CFG] [--parity]
   verify     re-check an artifact directory (integrity, then numbers):
              deployplug verify DIR [--tolerance T] [--max-bytes N]
   check      pre-flight a config or zoo model: deployplug check --config CFG
@@ -342,11 +398,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return EXIT_OK if args else EXIT_ERROR
-    if args[0] in COMMANDS:
-        return COMMANDS[args[0]](args[1:])
-    # From the console script LightningCLI reads sys.argv itself (passing it too is warned about).
-    lightning_cli(None if argv is None else args)
-    return EXIT_OK
+    command = args[0]
+    from deployplug.errors import ConfigError, DeployError
+
+    try:
+        if command in COMMANDS:
+            return COMMANDS[command](args[1:])
+        if command in LIGHTNING_COMMANDS:
+            return _train(args)
+        raise ConfigError(f"unknown command {command!r}; choose from "
+                          f"{', '.join([*LIGHTNING_COMMANDS, *COMMANDS])} (deployplug --help)")
+    except DeployError as exc:
+        return _error(exc)
+    except SystemExit as exc:  # --help of a subcommand
+        code = exc.code
+        return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_ERROR)
 
 
 if __name__ == "__main__":

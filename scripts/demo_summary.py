@@ -1,7 +1,9 @@
-"""Summarize a finished demo run: accuracy of PyTorch vs the exported model, and the files.
+"""Summarize a finished demo run: one row per exported format, next to PyTorch.
 
 Usage: python scripts/demo_summary.py RUN_DIR
-Reads the DeployCallback's final manifest and the metrics the CSV logger recorded.
+Reads the DeployCallback's final manifest (verification: verified, worst normalized error,
+files) and the validation-parity metrics the CSV logger recorded (accuracy of each format
+on the validation split, top-1 agreement with PyTorch).
 """
 
 from __future__ import annotations
@@ -22,6 +24,30 @@ def last_values(metrics_csv: Path) -> dict[str, float]:
     return values
 
 
+def pct(metrics: dict[str, float], key: str) -> str:
+    return f"{100 * metrics[key]:.2f} %" if key in metrics else "n/a"
+
+
+def rows(manifest, metrics: dict[str, float], prefix: str = "deploy") -> list[list[str]]:
+    """One row per format: format, target, verified, max error, val acc, agreement, files."""
+    report = manifest.verification
+    out = []
+    for fmt, record in manifest.formats.items():
+        verified = "n/a" if report is None else ("yes" if report.format_passed(fmt) else "NO")
+        error = "n/a" if report is None else f"{report.max_error(fmt):.2e}"
+        out.append([fmt, str(record["target"]), verified, error,
+                    pct(metrics, f"{prefix}/{fmt}/val_acc"),
+                    pct(metrics, f"{prefix}/{fmt}/val_agreement"),
+                    ", ".join(record["files"])])
+    return out
+
+
+def table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *body]]
+    return "\n".join(lines)
+
+
 def main(run_dir: str) -> int:
     root = Path(run_dir)
     manifests = sorted(root.rglob("deploy/final/manifest.json"), key=lambda p: p.stat().st_mtime)
@@ -32,24 +58,14 @@ def main(run_dir: str) -> int:
     metrics_files = sorted(root.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     metrics = last_values(metrics_files[-1]) if metrics_files else {}
 
-    def pct(key: str) -> str:
-        return f"{100 * metrics[key]:.2f} %" if key in metrics else "n/a"
-
     print("\n=== deployplug digits demo ===")
-    rows = [
-        ("validation accuracy, PyTorch (trained multi-branch model)", "deploy/torch/val_acc"),
-        ("validation accuracy, ONNX (fused, in onnxruntime)", "deploy/onnx/val_acc"),
-        ("top-1 agreement ONNX vs PyTorch on the validation set", "deploy/onnx/val_agreement"),
-    ]
-    for label, key in rows:
-        print(f"{label:<58} {pct(key)}")
-    for fmt in manifest.formats:
-        err = manifest.verification.max_error(fmt) if manifest.verification else float("nan")
-        print(f"{fmt}: max normalized error vs PyTorch {err:.2e}, "
-              f"verified: {'yes' if manifest.passed else 'NO'}")
-    print("artifacts:")
-    for entry in manifest.files + [{"name": "manifest.json"}]:
-        print(f"  {manifest.dir / entry['name']}")
+    print(f"PyTorch (trained multi-branch model), validation accuracy: "
+          f"{pct(metrics, 'deploy/torch/val_acc')}")
+    header = ["format", "target", "verified", "max error", "val acc", "agreement", "files"]
+    print(table(header, rows(manifest, metrics)))
+    print("(max error: worst normalized error max|a-b|/max|ref| in verification; agreement: "
+          "top-1 equal to PyTorch over the validation split)")
+    print(f"artifacts in {manifest.dir}")
     return 0 if manifest.passed else 1
 
 

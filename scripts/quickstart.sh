@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set everything up from scratch (idempotent), train the digits demo with the DeployCallback,
-# and print a summary: PyTorch vs ONNX accuracy, top-1 agreement, worst error, artifact paths.
+# and print a summary: a row per exported format (ONNX, Caffe, MsnhNet) with verification,
+# worst error, validation accuracy, top-1 agreement with PyTorch and files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

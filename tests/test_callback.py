@@ -205,6 +205,7 @@ def test_onnx_parity_feeds_fixed_batch_models_in_chunks(tmp_path):
     x = torch.randn(7, 1, 6, 6)
     y = net(x).argmax(1)
     metrics = onnx_parity(manifest.artifact("onnx"), net, [(x[:4], y[:4]), (x[4:], y[4:])])
+    assert metrics.pop("deploy/onnx/val_max_error") <= 1e-5
     assert metrics == {"deploy/onnx/val_agreement": 1.0, "deploy/onnx/val_acc": 1.0,
                        "deploy/torch/val_acc": 1.0}
 
@@ -276,7 +277,7 @@ def test_preflight_rejects_wrong_input_shape_before_first_step(tmp_path):
 
 def test_missing_example_shape_is_reported_at_fit_start(tmp_path):
     trainer = make_trainer(tmp_path, [DeployCallback()])
-    with pytest.raises(ValueError, match="input_shape"):
+    with pytest.raises(InputShapeError, match="input_shape"):
         trainer.fit(NetModule(no_stats_net(), example_shape=None), tiny_data())
     assert trainer.global_step == 0
 
@@ -366,8 +367,10 @@ def test_unknown_target_stops_fit_before_training(tmp_path):
 def test_invalid_arguments_are_rejected():
     with pytest.raises(ValueError, match="export_on"):
         DeployCallback(export_on=["every_step"])
-    with pytest.raises(ValueError, match="onnx"):
-        DeployCallback(formats=["caffe"], validation_parity=True)
+    with pytest.raises(ValueError, match="parity_batches"):
+        DeployCallback(parity_batches=0)
+    with pytest.raises(ValueError, match="log_artifacts"):
+        DeployCallback(log_artifacts="sometimes")
     with pytest.raises(ValueError, match="input_shape"):
         DeployCallback(input_shape=[1, 0, 8, 8])
     with pytest.raises(ValueError, match="format"):

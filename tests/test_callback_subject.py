@@ -26,7 +26,7 @@ from callback_harness import (
 )
 from torch import nn
 
-import deployplug.callback
+import deployplug.parity
 from deployplug.callback import DeployCallback, validation_samples
 from deployplug.errors import ModuleMismatchError, ParityError
 from deployplug.export_subject import lightning_copy, resolve_subject
@@ -135,7 +135,7 @@ def test_parity_failure_is_a_parity_error(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("session exploded")
 
-    monkeypatch.setattr(deployplug.callback, "onnx_parity", broken)
+    monkeypatch.setattr(deployplug.parity, "validation_parity", broken)
     trainer = make_trainer(tmp_path, [DeployCallback(validation_parity=True,
                                                      fail_on_error=True)])
     with pytest.raises(ParityError, match="session exploded"):

@@ -168,8 +168,9 @@ def test_check_exit_codes(tmp_path, capsys):
     assert "fft" in capsys.readouterr().out
     assert main(["check", "--config", str(config), "--input-shape", "1", "5", "16", "16"]) == 2
     assert "(1, 5, 16, 16)" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["check"])
+    assert main(["check"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "--config" in line and "--model" in line
 
 
 def test_help_lists_every_command(capsys):
@@ -286,3 +287,58 @@ def test_check_reports_the_exported_module(tmp_path, capsys):
     assert main(["check", "--config", str(config), "--module-attr", "net.stage0",
                  "--accept-submodule-mismatch"]) == 0
     assert "exported module: net.stage0" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- checkpoints alone
+
+def test_export_of_a_plain_trainer_checkpoint_rebuilds_classifier_module(tmp_path, capsys):
+    """A checkpoint not written by LightningCLI names no class: it is a ClassifierModule's."""
+    import pytorch_lightning as pl
+
+    from deployplug.data import SyntheticDataModule
+
+    module = ClassifierModule(model="repvgg_tiny", in_channels=1, input_size=16,
+                              model_kwargs={"width": 4})
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, SyntheticDataModule(in_channels=1, image_size=16, num_samples=8,
+                                            val_samples=4, batch_size=4))
+    ckpt = tmp_path / "plain.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert "_class_path" not in torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    out = tmp_path / "out"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert verify(out, model=load_checkpoint_into(ClassifierModule(
+        model="repvgg_tiny", in_channels=1, input_size=16, model_kwargs={"width": 4}).net,
+        ckpt, "net")).passed
+
+
+@pytest.mark.parametrize("class_path", ["os.system", "subprocess.Popen", "torch.nn.Linear",
+                                        "no_such_package.Model", "not a path"])
+def test_a_checkpoint_naming_a_foreign_class_is_refused(fitted, tmp_path, capsys, class_path):
+    _, ckpt = fitted
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["_class_path"] = class_path
+    forged = tmp_path / "forged.ckpt"
+    torch.save(state, forged)
+    capsys.readouterr()
+    out = tmp_path / "x"
+    assert main(["export", "--checkpoint", str(forged), "--out", str(out)]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "CheckpointLoadError" in line and "--config" in line
+    assert not out.exists()
+
+
+def test_a_fit_the_callback_refuses_ends_in_one_error_line(tmp_path, capsys):
+    config = write_config(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    capsys.readouterr()
+    assert main(["fit", "--config", str(config), "--trainer.callbacks+=DeployCallback",
+                 f"--trainer.callbacks.dirpath={blocker / 'deploy'}",
+                 "--trainer.callbacks.folder=other"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: OutputDirectoryError")
+    assert "a_file" in errors[0]
+    assert not (tmp_path / "logs" / "version_0" / "checkpoints").exists()

@@ -9,7 +9,7 @@ import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from deployplug.callback import DeployCallback
-from deployplug.cli import lightning_cli
+from deployplug.cli_config import lightning_cli
 from deployplug.data import DigitsDataModule
 from deployplug.lit import ClassifierModule
 
@@ -65,7 +65,8 @@ def test_demo_config_settings(tmp_path, monkeypatch):
     checkpoint = cli.trainer.checkpoint_callback
     assert checkpoint.monitor == "val/acc" and checkpoint.mode == "max"
     (deploy,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, DeployCallback)]
-    assert deploy.formats == ("onnx",) and deploy.validation_parity
+    assert deploy.formats == ("onnx", "caffe", "msnhnet") and deploy.target is None
+    assert deploy.validation_parity
     assert cli.model.example_input_array.shape == cli.datamodule.input_shape
 
 

@@ -1,0 +1,1 @@
+"""A user's project: its own LightningModule (``digitlab.lit``) and data (``digitlab.data``)."""
