@@ -66,7 +66,12 @@ from deployplug.export_subject import ExportSubject, lightning_copy, resolve_sub
 from deployplug.logger_artifacts import ArtifactLogging, LogMode
 from deployplug.parity import onnx_parity
 from deployplug.rank_sync import ExportSync
-from deployplug.trainer_views import best_checkpoint_key, validation_loader
+from deployplug.trainer_views import (
+    best_checkpoint_key,
+    is_fast_dev_run,
+    trainer_callbacks,
+    validation_loader,
+)
 
 # Helpers that used to live here stay importable from this module.
 __all__ = ["DeployCallback", "example_shapes", "expected_shape_text", "load_checkpoint_into",
@@ -148,8 +153,9 @@ class DeployCallback(Callback):
         self.formats = (formats,) if isinstance(formats, str) else tuple(formats)
         if not self.formats:
             raise ConfigError("DeployCallback needs at least one format")
-        export_on = (export_on,) if isinstance(export_on, str) else tuple(export_on)
-        bad = [t for t in export_on if t not in EXPORT_TRIGGERS]
+        triggers: tuple[str, ...] = (export_on,) if isinstance(export_on, str) \
+            else tuple(export_on)
+        bad = [t for t in triggers if t not in EXPORT_TRIGGERS]
         if bad:
             raise ConfigError(f"unknown export_on value(s) {bad}; choose from {EXPORT_TRIGGERS}")
         if preflight not in PREFLIGHT_MODES:
@@ -173,7 +179,7 @@ class DeployCallback(Callback):
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         self.dirpath = dirpath
         self.folder = folder
-        self.export_on = export_on
+        self.export_on = triggers
         self.verify = verify
         self.validation_parity = validation_parity
         self.fail_on_error = fail_on_error
@@ -220,7 +226,7 @@ class DeployCallback(Callback):
         # the output folder is decided here; trainer.log_dir is collective: every rank asks.
         self._root = self._resolve_root(trainer)
         self._final_pending = False
-        for other in trainer.callbacks:
+        for other in trainer_callbacks(trainer):
             if not isinstance(other, DeployCallback) or other is self:
                 continue
             if other._resolve_root(trainer) == self._root:
@@ -269,7 +275,7 @@ class DeployCallback(Callback):
             self._maybe_export_best(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.fast_dev_run:
+        if is_fast_dev_run(trainer):
             rank_zero_info("DeployCallback: fast_dev_run, no artifacts written")
             return
         # The export itself waits for teardown, which runs after every callback's (and the
@@ -431,7 +437,7 @@ class DeployCallback(Callback):
             self._parity(trainer, subject, manifest)
 
     def _maybe_export_best(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":
+        if trainer.sanity_checking or is_fast_dev_run(trainer) or trainer.state.fn != "fit":
             return
         # Rank zero's view decides, so ranks that track an unsynced metric cannot diverge
         # into a collective that only some of them enter.

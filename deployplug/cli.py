@@ -24,7 +24,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from deployplug.cli_config import LIGHTNING_COMMANDS, one_line
 
@@ -336,7 +336,7 @@ def _check(argv: Sequence[str]) -> int:
                                   in_channels=opts.in_channels)
             callback, declared = None, None
             if opts.input_shape is None:
-                opts.input_shape = list(module.default_input_shape)
+                opts.input_shape = list(cast(tuple[int, ...], module.default_input_shape))
         settings = _settings(callback, opts)
         example = make_example(example_shapes(settings.input_shape, declared,
                                               option=SHAPE_OPTION))

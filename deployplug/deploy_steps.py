@@ -43,7 +43,7 @@ class DeploySettings:
     def from_object(cls, source: Any, overrides: Mapping[str, Any] | None = None
                     ) -> DeploySettings:
         """Settings read from ``source`` (a DeployCallback); non-None ``overrides`` win."""
-        values = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             value = (overrides or {}).get(f.name)
             values[f.name] = value if value is not None else getattr(source, f.name, f.default)

@@ -57,7 +57,7 @@ class ClassifierModule(pl.LightningModule):
     def _step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch[0], batch[1]
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams["label_smoothing"])
         metric(logits, y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
@@ -75,7 +75,7 @@ class ClassifierModule(pl.LightningModule):
         self._step(batch, "test", self.test_acc)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp: Any = self.hparams  # an AttributeDict of the constructor's arguments
         if hp.optimizer == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
                 self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0,

@@ -91,6 +91,8 @@ def _send(logger: Any, folder: str, tag: str, manifest: Any, best: bool, step: i
     from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
     if isinstance(logger, MLFlowLogger):
+        if logger.run_id is None:  # the run was never started: nothing to attach files to
+            return False
         to_mlflow(logger.experiment, logger.run_id, folder, tag, manifest)
     elif isinstance(logger, WandbLogger):
         to_wandb(logger.experiment, folder, tag, manifest, best)

@@ -10,6 +10,16 @@ import os
 from typing import Any
 
 
+def trainer_callbacks(trainer: Any) -> list[Any]:
+    """The trainer's callbacks (Lightning sets the attribute at run time, untyped)."""
+    return list(trainer.callbacks)
+
+
+def is_fast_dev_run(trainer: Any) -> bool:
+    """Whether the run is a ``fast_dev_run`` smoke test, which exports nothing."""
+    return bool(trainer.fast_dev_run)
+
+
 def best_checkpoint_key(trainer: Any) -> list[Any] | None:
     """What identifies the best checkpoint's *content*: path, score, size and mtime.
 

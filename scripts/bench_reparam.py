@@ -5,7 +5,13 @@ Measures, in one run, on batch 1 x 3 x 224 x 224:
 * correctness: fused vs training form (fp32), plain vs fused, onnxruntime vs PyTorch;
 * PyTorch eager latency of the three forms (train/fused, fused/plain ratios);
 * onnxruntime latency of the three exported forms (train/fused, fused/plain ratios);
-* the time ``deployplug.reparam.reparameterize`` takes for the whole model.
+* the time ``deployplug.reparam.reparameterize`` takes for the whole model;
+* the generic linear-region pass: RepVGG-A0 written *without* fusion methods (every block a
+  subclass with them removed) fused by the generic pass, against the same model fused by the
+  blocks' own methods (both times and their ratio, with and without the deep copy);
+* onnxruntime latency of small ACB / DBB / MobileOne nets (blocks from
+  ``tests/paper_blocks.py``, no fusion methods) after the generic pass, against the same
+  convolutions rebuilt by hand as a plain ``nn.Sequential``.
 
 Method (the machine is usually shared, so noise control matters more than raw speed):
 
@@ -21,6 +27,7 @@ Method (the machine is usually shared, so noise control matters more than raw sp
   ORT session is also timed alone with default (spinning) threads for absolute numbers.
 
 Usage: python scripts/bench_reparam.py [--rounds 30] [--json out.json] [--workdir DIR]
+       [--only generic]   (just the generic-pass sections)
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import torch
 from timing import (
@@ -55,8 +63,12 @@ from torch import nn
 
 from deployplug import models
 from deployplug.blocks import RepVGGBlock
-from deployplug.reparam import reparameterize
+from deployplug.reparam import ReparamReport, reparameterize
+from deployplug.reparam.report import count_ops
 from deployplug.testing import normalized_error, randomize_batchnorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import paper_blocks  # noqa: E402  - third-party-style blocks without fusion methods
 
 # ------------------------------------------------------------------------------ models
 
@@ -75,6 +87,80 @@ def plain_vgg(fused: nn.Module) -> nn.Module:
     head.load_state_dict(fused.linear.state_dict())
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1), head]
     return nn.Sequential(*layers).eval()
+
+
+class MethodlessRepVGGBlock(RepVGGBlock):
+    """The same block with its fusion method removed, as third-party code would ship it."""
+
+    reparameterize = None
+    fusion_reads_only = False  # no method reads the branches, so a copy must own them
+
+
+def without_methods(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose RepVGG blocks have no fusion method."""
+    copy_ = copy.deepcopy(model)
+    for module in copy_.modules():
+        if isinstance(module, RepVGGBlock):
+            module.__class__ = MethodlessRepVGGBlock
+    return copy_
+
+
+def plain_from(fused: nn.Module) -> nn.Module:
+    """The convs and ReLUs of a fused chain of blocks, copied into a plain nn.Sequential."""
+    layers: list[nn.Module] = []
+    for module in fused.modules():
+        if isinstance(module, nn.Conv2d):
+            conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+                             module.stride, module.padding, module.dilation, module.groups,
+                             bias=True)
+            conv.load_state_dict(module.state_dict())
+            layers.append(conv)
+        elif isinstance(module, nn.ReLU):
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).eval()
+
+
+def block_nets(width: int) -> dict[str, nn.Module]:
+    """Small nets of third-party-style blocks (training form, random BN statistics)."""
+    pb = paper_blocks
+
+    def acb() -> nn.Module:
+        layers: list[nn.Module] = [pb.ACB(3, width, 2), nn.ReLU()]
+        for _ in range(3):
+            layers += [pb.ACB(width, width), nn.ReLU()]
+        return nn.Sequential(*layers)
+
+    def dbb() -> nn.Module:
+        layers: list[nn.Module] = [pb.DBB(3, width, 3, 2), nn.ReLU()]
+        for _ in range(3):
+            layers += [pb.DBB(width, width), nn.ReLU()]
+        return nn.Sequential(*layers)
+
+    def mobileone() -> nn.Module:
+        return nn.Sequential(pb.MobileOneBlock(3, width, 2),
+                             *[pb.MobileOneBlock(width, width) for _ in range(3)])
+
+    torch.manual_seed(0)
+    return {name: randomize_batchnorm(build(), seed=1).eval()
+            for name, build in (("ACB", acb), ("DBB", dbb), ("MobileOne", mobileone))}
+
+
+def same_onnx(a: Path, b: Path) -> str:
+    """Whether two ONNX files run the same ops with the same attributes and weights (then any
+    latency difference between them is measurement noise)."""
+    ga, gb = onnx.load(str(a)).graph, onnx.load(str(b)).graph
+
+    def ops(g: onnx.GraphProto) -> list[tuple[str, list[bytes]]]:
+        return [(n.op_type, sorted(att.SerializeToString() for att in n.attribute))
+                for n in g.node]
+
+    def weights(g: onnx.GraphProto) -> list[bytes]:
+        return sorted(onnx.numpy_helper.to_array(t).tobytes() for t in g.initializer)
+
+    if ops(ga) != ops(gb):
+        return "different ops or attributes"
+    return "identical ops, attributes and weights" if weights(ga) == weights(gb) else (
+        "same ops and attributes, different weights")
 
 
 def export(model: nn.Module, x: torch.Tensor, path: Path) -> tuple[float, str]:
@@ -99,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fusion-runs", type=int, default=10)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--only", choices=("all", "generic"), default="all")
+    ap.add_argument("--block-width", type=int, default=64)
+    ap.add_argument("--block-size", type=int, default=112)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -118,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
 
     train = randomize_batchnorm(models.build("repvgg_a0"), seed=0).eval()
     x = torch.randn(1, 3, 224, 224)
+    checks: list[tuple[str, bool]] = []
+    generic_section(args, train, x, add, raw, checks)
+    if args.only == "generic":
+        return finish(args, rows, raw, checks, add)
 
     # ---- fusion time
     def fuse_copy() -> None:
@@ -232,11 +325,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- summary
     fusion_ms = median_ms(fusion.times["reparameterize(model)"])
-    checks = [
+    checks += [
         ("PyTorch [no_grad] train/fused >= 1.5", ratio(pt, "train", "fused")[0] >= 1.5),
         ("ORT fused/plain <= 1.05", ratio(ortg, "fused", "plain")[0] <= 1.05),
         ("fusion < 50 ms", fusion_ms < 50),
     ]
+    return finish(args, rows, raw, checks, add)
+
+
+def finish(args: argparse.Namespace, rows: list[tuple[str, str]], raw: dict[str, object],
+           checks: list[tuple[str, bool]], add: Callable[[str, str], None]) -> int:
     for text, ok in checks:
         add(f"target {text}", "met" if ok else "NOT met")
 
@@ -250,6 +348,93 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "raw": raw}, indent=1))
     return 0
+
+
+def generic_section(args: argparse.Namespace, train: nn.Module, x: torch.Tensor,
+                    add: Callable[[str, str], None], raw: dict[str, object],
+                    checks: list[tuple[str, bool]]) -> None:
+    """The generic linear-region pass: its cost on A0, and what its output costs in ORT."""
+    methodless = without_methods(train)
+    report = ReparamReport()
+    fused_generic = reparameterize(methodless, report=report)
+    fused_protocol = reparameterize(train)
+    counts = report.op_counts()
+    add("generic pass on A0 without methods: regions collapsed / left alone",
+        f"{len(report.collapsed)} / {len(report.left_alone)}; op counts before "
+        f"{counts['before']}, after {counts['after']}")
+    with torch.no_grad():
+        y_train = train(x)
+        err = normalized_error(fused_generic(x), y_train)
+        agree = normalized_error(fused_generic(x), fused_protocol(x))
+    add("generic-fused A0 vs training form (fp32, normalized)", f"{err:.3e}")
+    add("generic-fused A0 vs protocol-fused A0 (fp32, normalized)", f"{agree:.3e}")
+
+    group = interleaved({"protocol": lambda: reparameterize(train),
+                         "generic": lambda: reparameterize(methodless)},
+                        args.fusion_runs, 2, args.max_load, args.attempts)
+    add("A0 reparameterize(model), protocol path (blocks' own methods)",
+        f"{cell(group.times['protocol'])}; {group.load_text()}")
+    add("A0 reparameterize(model), generic pass (no methods)", cell(group.times["generic"]))
+    add("A0 generic/protocol time ratio", ratio_text(group, "generic", "protocol"))
+    raw["generic_vs_protocol_s"] = group.times
+
+    def inplace_pair() -> Times:  # the deep copy is not timed
+        times: Times = {"protocol": [], "generic": []}
+        for r in range(args.fusion_runs):
+            for name in (("protocol", "generic") if r % 2 == 0 else ("generic", "protocol")):
+                victim = copy.deepcopy(train if name == "protocol" else methodless)
+                t0 = time.perf_counter()
+                reparameterize(victim, inplace=True)
+                times[name].append(time.perf_counter() - t0)
+        return times
+
+    inplace = least_loaded(inplace_pair, args.max_load, args.attempts)
+    add("A0 reparameterize(inplace=True), protocol path (copy not timed)",
+        f"{cell(inplace.times['protocol'])}; other processes {inplace.others:.2f} cores")
+    add("A0 reparameterize(inplace=True), generic pass (copy not timed)",
+        cell(inplace.times["generic"]))
+    add("A0 generic/protocol time ratio, inplace",
+        f"{median_ms(inplace.times['generic']) / median_ms(inplace.times['protocol']):.2f}x")
+    raw["generic_vs_protocol_inplace_s"] = inplace.times
+    generic_ms = median_ms(group.times["generic"])
+    protocol_ms = median_ms(group.times["protocol"])
+    checks += [("generic/protocol <= 2x", generic_ms / protocol_ms <= 2.0),
+               ("generic pass < 50 ms", generic_ms < 50),
+               ("protocol path < 50 ms", protocol_ms < 50)]
+
+    # ---- ORT: generically fused third-party blocks vs the same convs as a plain net
+    tmp = tempfile.TemporaryDirectory()
+    workdir = Path(tmp.name) if args.workdir is None else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    xb = torch.randn(1, 3, args.block_size, args.block_size)
+    for name, net in block_nets(args.block_width).items():
+        report = ReparamReport()
+        fused = reparameterize(net, report=report)
+        plain = plain_from(fused)
+        left = count_ops(fused)
+        with torch.no_grad():
+            y = net(xb)
+            err_fused = normalized_error(fused(xb), y)
+            err_plain = normalized_error(plain(xb), fused(xb))
+        paths = {"fused": workdir / f"{name}_fused.onnx", "plain": workdir / f"{name}_plain.onnx"}
+        descs = {k: export(m, xb, paths[k])[1] for k, m in (("fused", fused), ("plain", plain))}
+        sessions = {k: ort_session(p, args.threads, spinning=False) for k, p in paths.items()}
+        feed = {"x": xb.numpy()}
+        err_ort = normalized_error(sessions["fused"].run(None, feed)[0], y)
+        add(f"{name} net: regions collapsed, ops left",
+            f"{len(report.collapsed)} regions, {len(report.left_alone)} left alone; "
+            f"after: {left}; ONNX fused {descs['fused']}; plain {descs['plain']}")
+        add(f"{name} net errors (fused vs train, plain vs fused, ORT fused vs train)",
+            f"{err_fused:.2e}, {err_plain:.2e}, {err_ort:.2e}")
+        add(f"{name} net ONNX graphs fused vs plain", same_onnx(paths["fused"], paths["plain"]))
+        res = interleaved({k: (lambda s=s, f=feed: s.run(None, f)) for k, s in sessions.items()},
+                          args.rounds, args.warmup, args.max_load, args.attempts)
+        add(f"{name} net ORT latency fused", f"{cell(res.times['fused'])}; {res.load_text()}")
+        add(f"{name} net ORT latency plain", cell(res.times["plain"]))
+        add(f"{name} net ORT ratio fused/plain", ratio_text(res, "fused", "plain"))
+        raw[f"ort_{name}_s"] = res.times
+        checks.append((f"{name} ORT fused/plain <= 1.02", ratio(res, "fused", "plain")[0] <= 1.02))
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

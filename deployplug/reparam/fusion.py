@@ -18,6 +18,7 @@ be regularised or quantised during training.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -143,3 +144,185 @@ def sum_branches(
         kernel = kernel + k
         bias = bias + b
     return kernel, bias
+
+
+# ------------------------------------------------------------------ kernel composition
+#
+# The functions below serve the generic linear-region pass. A kernel there is a dense,
+# undilated correlation kernel ``(O, I / groups, *E)``; dilation is made explicit with zeros
+# (:func:`dilate_kernel`) so that every composition rule is one of the few below, and is
+# compressed back at the end (:func:`compress_dilation`).
+
+
+def dilate_kernel(kernel: torch.Tensor, dilation: Sequence[int]) -> torch.Tensor:
+    """The same conv with dilation 1: taps ``dilation`` apart, zeros in between.
+
+    Extent per dim becomes ``dilation * (k - 1) + 1``, which is also the span a dilated conv
+    reads, so output sizes and alignment are unchanged.
+    """
+    if all(d == 1 for d in dilation):
+        return kernel
+    spatial = kernel.shape[2:]
+    size = [d * (k - 1) + 1 for d, k in zip(dilation, spatial)]
+    out = kernel.new_zeros(*kernel.shape[:2], *size)
+    index = (slice(None), slice(None), *(slice(None, None, d) for d in dilation))
+    out[index] = kernel
+    return out
+
+
+def regroup_kernel(kernel: torch.Tensor, groups: int, new_groups: int) -> torch.Tensor:
+    """A grouped kernel rewritten for fewer groups (``new_groups`` divides ``groups``).
+
+    A conv with ``groups`` is also a conv with any divisor of it as group count: each output
+    channel reads the zero-extended block of inputs of the coarser group. Branches or stages
+    with different group counts are brought to their gcd this way before they are combined.
+    """
+    if new_groups == groups:
+        return kernel
+    if groups % new_groups:
+        raise ValueError(f"cannot regroup groups={groups} as {new_groups}")
+    out_ch, in_per = kernel.shape[:2]
+    out_per, coarse_out_per = out_ch // groups, out_ch // new_groups
+    coarse_in_per = in_per * groups // new_groups
+    rows = torch.arange(out_ch, device=kernel.device)
+    start = (rows // out_per) * in_per - (rows // coarse_out_per) * coarse_in_per
+    cols = start[:, None] + torch.arange(in_per, device=kernel.device)[None, :]
+    cols = cols.reshape(out_ch, in_per, *([1] * (kernel.dim() - 2))).expand_as(kernel)
+    out = kernel.new_zeros(out_ch, coarse_in_per, *kernel.shape[2:])
+    return out.scatter(1, cols, kernel)
+
+
+def compose_kernels(outer: torch.Tensor, inner: torch.Tensor, inner_stride: Sequence[int],
+                    groups: int) -> torch.Tensor:
+    """Kernel of ``outer`` applied (without padding) to the output of ``inner``.
+
+    Both are undilated correlation kernels with the same ``groups``: ``inner`` is
+    ``(M, I/g, *E1)`` applied with ``inner_stride``; ``outer`` is ``(O, M/g, *E2)``. The
+    composite reads input tap ``s1 * u + t`` for every outer tap ``u`` and inner tap ``t``:
+
+        K[o, i, s1*u + t] = sum_m outer[o, m, u] * inner[m, i, t]
+
+    which is a full (transposed-style) correlation of ``inner`` with ``outer`` flipped and
+    dilated by ``s1``, so it is computed by one grouped ``convNd`` with the inner kernel's
+    input index as the batch. Extent: ``s1 * (E2 - 1) + E1``.
+    """
+    dims = inner.dim() - 2
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    batch = inner.transpose(0, 1)  # (I/g, M, *E1)
+    pads: list[int] = []
+    for s, e2 in zip(reversed(tuple(inner_stride)), reversed(outer.shape[2:])):
+        pads += [s * (e2 - 1)] * 2
+    batch = F.pad(batch, pads) if any(pads) else batch
+    flipped = outer.flip(list(range(2, outer.dim())))
+    out = conv(batch, flipped, None, 1, 0, tuple(inner_stride), groups)
+    return out.transpose(0, 1).contiguous()
+
+
+def contract_pointwise(outer: torch.Tensor, inner: torch.Tensor, groups: int) -> torch.Tensor:
+    """:func:`compose_kernels` for an inner 1x1 stride-1 kernel: a per-group matrix product
+    ``K[o, i, u] = sum_m outer[o, m, u] * inner[m, i]``, without the convolution."""
+    out_ch, m_per = outer.shape[:2]
+    in_per = inner.shape[1]
+    a = outer.reshape(groups, out_ch // groups, m_per, -1)
+    b = inner.reshape(groups, m_per, in_per)
+    k = torch.einsum("gomu,gmi->goiu", a, b)
+    return k.reshape(out_ch, in_per, *outer.shape[2:])
+
+
+def scale_input_channels(kernel: torch.Tensor, scale: torch.Tensor,
+                         groups: int) -> torch.Tensor:
+    """``kernel`` (``(O, I/groups, *k)``) applied to ``scale[i] * x[i]``: each input channel's
+    taps multiplied by its scale. Grouping is unchanged."""
+    out_ch, in_per = kernel.shape[:2]
+    shape = (groups, 1, in_per, *([1] * (kernel.dim() - 2)))
+    k = kernel.reshape(groups, out_ch // groups, in_per, *kernel.shape[2:]) * scale.reshape(shape)
+    return k.reshape(kernel.shape)
+
+
+def compose_bias(outer: torch.Tensor, outer_bias: torch.Tensor | None, inner_bias: torch.Tensor,
+                 groups: int) -> torch.Tensor:
+    """Bias of ``outer`` (unpadded) applied to a map whose every value carries ``inner_bias``.
+
+    Every outer tap reads an in-range position, so each contributes its weight times the
+    constant: ``b[o] = outer_bias[o] + sum_{m in group(o), u} outer[o, m, u] * inner_bias[m]``.
+    """
+    out_ch, m_per = outer.shape[:2]
+    if not bool(inner_bias.any()):  # the common case: a branch reading the block input
+        bias = outer.new_zeros(out_ch)
+        return bias if outer_bias is None else bias + outer_bias
+    taps = math.prod(outer.shape[2:])
+    # One matrix-vector product per group over (m, u): no reduction over the short tap axis.
+    rows = outer.reshape(groups, out_ch // groups, m_per * taps)
+    col = inner_bias.reshape(groups, m_per, 1).expand(groups, m_per, taps)
+    bias = torch.bmm(rows, col.reshape(groups, m_per * taps, 1)).reshape(-1)
+    return bias if outer_bias is None else bias + outer_bias
+
+
+def add_placed(kernel: torch.Tensor, small: torch.Tensor, before: Sequence[int],
+               scale: float = 1.0, *, in_place: bool = False) -> torch.Tensor:
+    """``kernel + scale * place_kernel(small, before, kernel.shape[2:])``, writing only the
+    taps ``small`` covers (no full-size padded copy of ``small``). A new tensor unless
+    ``in_place``, for a kernel the caller has just computed and nobody else reads."""
+    out = kernel if in_place else kernel.clone()
+    index = [slice(None), slice(None)]
+    for b, k, e in zip(before, small.shape[2:], kernel.shape[2:]):
+        if b < 0 or b + k > e:
+            raise ValueError(f"kernel {tuple(small.shape[2:])} does not fit "
+                             f"{tuple(kernel.shape[2:])} at {tuple(before)}")
+        index.append(slice(b, b + k))
+    out[tuple(index)] += small if scale == 1 else scale * small
+    return out
+
+
+def place_kernel(kernel: torch.Tensor, before: Sequence[int],
+                 extent: Sequence[int]) -> torch.Tensor:
+    """``kernel`` inside a zero kernel of spatial size ``extent``, starting at ``before``.
+
+    Used to align branches whose windows start at different offsets (a 1x1 branch inside a
+    3x3 one starts one tap later); unlike :func:`pad_kernel` the placement need not be
+    centred, so even and rectangular kernels align too.
+    """
+    pads: list[int] = []
+    for b, e, k in zip(reversed(tuple(before)), reversed(tuple(extent)),
+                       reversed(kernel.shape[2:])):
+        after = e - b - k
+        if b < 0 or after < 0:
+            raise ValueError(f"kernel {tuple(kernel.shape[2:])} does not fit {tuple(extent)} "
+                             f"at {tuple(before)}")
+        pads += [b, after]
+    return F.pad(kernel, pads) if any(pads) else kernel
+
+
+def average_kernel(channels: int, size: Sequence[int], divisor: float, *,
+                   dtype: torch.dtype = torch.float64,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Depthwise kernel ``(C, 1, *size)`` of an average pool: every tap ``1 / divisor``."""
+    return torch.full((channels, 1, *size), 1.0 / divisor, dtype=dtype, device=device)
+
+
+def compress_dilation(kernel: torch.Tensor,
+                      candidates: Iterable[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Undo :func:`dilate_kernel` per spatial dim where the kernel allows it.
+
+    For each dim the largest candidate ``d`` is used for which the extent is ``d*(k-1)+1`` and
+    every tap off the ``d``-lattice is zero; the values are unchanged, only stored sparsely.
+    Returns the compact kernel and the dilation per dim.
+    """
+    dilation = []
+    out = kernel
+    for axis in range(2, kernel.dim()):
+        extent = out.shape[axis]
+        chosen = 1
+        for d in sorted({c for c in candidates if c > 1}, reverse=True):
+            if (extent - 1) % d:
+                continue
+            mask = torch.ones(extent, dtype=torch.bool, device=out.device)
+            mask[::d] = False
+            if not bool(out.index_select(axis, mask.nonzero().flatten()).any()):
+                chosen = d
+                break
+        if chosen > 1:
+            index = torch.arange(0, extent, chosen, device=out.device)
+            out = out.index_select(axis, index)
+        dilation.append(chosen)
+    return out, tuple(dilation)

@@ -1,13 +1,17 @@
 """Model-level re-parameterization: walk the modules, let blocks fuse themselves, fold conv->BN.
 
-Two passes, in this order:
+Three passes, in this order:
 
 1. **Block protocol.** Any module that defines ``fuse()`` (returns a replacement),
    ``reparameterize()`` or ``switch_to_deploy()`` (both in place) is converted. These are the
    names RepVGG, timm, DBB/ACNet, MobileOne, YOLOv6/7 and mmyolo blocks already use, so
    third-party blocks work without registration. A method is only called when it takes no
    required arguments: ``reparameterize(mu, logvar)`` of a VAE is a different thing.
-2. **Generic conv->BatchNorm folding** for every pair the blocks left behind (plain stems,
+2. **Generic linear regions** (:mod:`deployplug.reparam.generic`): any block whose ops are
+   linear between its nonlinearities (RepVGG, ACB, DBB, MobileOne, ... written without fuse
+   methods, or with methods under other names) is found in the traced graph and collapsed
+   into one convolution when that is exact; what is left alone is reported with the reason.
+3. **Generic conv->BatchNorm folding** for every pair the blocks left behind (plain stems,
    heads, downsample shortcuts). Pairs are found without running the model: a ``torch.fx``
    trace where modules are leaves gives the data flow; when tracing fails (data-dependent
    Python), ``nn.Sequential`` adjacency is used for that subtree instead, but only in
@@ -42,7 +46,9 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from deployplug.errors import BatchNormStatsError
 from deployplug.reparam.eligibility import bn_blocker, conv_blocker, runs_children_in_order
 from deployplug.reparam.fusion import fold_bn
+from deployplug.reparam.generic import collapse_linear_regions
 from deployplug.reparam.parametrized import bake
+from deployplug.reparam.report import ReparamReport, count_ops
 from deployplug.reparam.selfcheck import Change, Inputs, as_inputs, check, record
 
 PROTOCOL_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
@@ -52,12 +58,25 @@ log = logging.getLogger(__name__)
 
 
 def reparameterize(model: nn.Module, inplace: bool = False, example_input: Inputs | None = None,
-                   tolerance: float = DEFAULT_TOLERANCE) -> nn.Module:
-    """Deploy form of ``model``: every self-fusing block fused, every provable conv->BN folded.
+                   tolerance: float = DEFAULT_TOLERANCE, *, report: ReparamReport | None = None,
+                   generic: bool = True) -> nn.Module:
+    """Deploy form of ``model``: every self-fusing block fused, every linear multi-branch region
+    collapsed into one conv, every provable conv->BN folded.
 
     Returns a model in eval mode with the same dtype and device. With ``inplace=False`` (the
     default) the given model is left exactly as it was, parameters and training flags
-    included; it is never run or hooked. Running it twice is a no-op.
+    included; it is never run or hooked. Running it twice is a no-op. The result is usually
+    the same object tree with blocks replaced at their paths; a region that spans modules is
+    rewritten as a ``torch.fx.GraphModule`` of their common parent (which may be the model,
+    so use the returned object, also with ``inplace=True``).
+
+    ``generic=False`` skips the generic linear-region pass
+    (:mod:`deployplug.reparam.generic`), leaving only blocks' own methods and conv->BN
+    folding. An empty :class:`~deployplug.reparam.report.ReparamReport` passed as ``report``
+    is filled in: blocks fused by their methods, regions collapsed (modules, ops, the conv
+    they became), regions left alone with the reason, conv->BN folds, and whole-model op
+    counts before and after. Multi-branch regions left alone also raise a
+    :class:`~deployplug.reparam.report.LinearRegionWarning`.
 
     With ``example_input`` (a tensor or a tuple of tensors) the unfused model (in eval mode)
     and the result are both run on it, and :class:`~deployplug.errors.ReparameterizationError`
@@ -76,30 +95,48 @@ def reparameterize(model: nn.Module, inplace: bool = False, example_input: Input
     try:
         target.eval()
         reference = record(target, inputs, _watch_list(target)) if inputs is not None else None
+        if report is not None:
+            report.counts_before = count_ops(target)
         target = _convert_blocks(target, "", changes)
         borrowed.release(target)  # before anything else may write to what fusion left behind
     finally:
         borrowed.restore_modes()
+    if report is not None:
+        report.protocol += [(c.path, c.how.split()[-1].rstrip("()")) for c in changes]
     target.eval()  # what blocks built while fusing is new, and in training mode
+    if generic:
+        target, outcome = collapse_linear_regions(target)
+        changes += outcome.changes
+        if report is not None:
+            report.collapsed += outcome.collapsed
+            report.left_alone += outcome.skipped
+        target.eval()  # the new convs and GraphModules
+    folds = _fold_all(target)
     changes += [Change(bn_path, bn, f"folded into conv '{conv_path}' by the conv->BN pass")
-                for conv_path, bn_path, bn in _fold_all(target)]
+                for conv_path, bn_path, bn in folds]
     target.eval()  # and so are the Identity modules in the BatchNorm slots
+    if report is not None:
+        report.folded += [(conv_path, bn_path) for conv_path, bn_path, _ in folds]
+        report.counts_after = count_ops(target)
     if reference is not None and changes:
         check(target, inputs, reference, changes, tolerance)
     return target
 
 
 def _watch_list(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules whose output fusion may change: every protocol block, and every BatchNorm not
-    inside one (a block's own BNs are covered by comparing the block)."""
+    """Modules whose output fusion may change: every protocol block, every BatchNorm not
+    inside one (a block's own BNs are covered by comparing the block), and every other
+    module holding two or more convolutions or BatchNorms (a block the generic pass may
+    collapse, so a wrong collapse is named by its block)."""
     watch: dict[str, nn.Module] = {}
     blocks: list[str] = []
     for path, module in model.named_modules():
+        inside = any(b == "" or path.startswith(b + ".") for b in blocks)
         if _protocol_method(module) is not None:
             watch[path] = module
             blocks.append(path)
-        elif isinstance(module, _BatchNorm) and not any(
-                b == "" or path.startswith(b + ".") for b in blocks):
+        elif not inside and (isinstance(module, _BatchNorm) or (path and sum(
+                isinstance(m, (_ConvNd, _BatchNorm)) for m in module.modules()) >= 2)):
             watch[path] = module
     return watch
 
