@@ -7,11 +7,12 @@ Public API (stable names)::
     dp.models.build("repvgg_a0", num_classes=10)
     dp.reparameterize(model)                  # fused deploy copy
     dp.targets()                              # onnx, caffe, om, msnhnet profiles
-    dp.decompose(model, "caffe", x)           # target-legal copy
+    dp.decompose(model, x, "caffe")           # target-legal copy
     dp.check(model, x, "om")                  # pre-flight report, no files
     dp.export(model, x, "out/", formats=("onnx", "caffe"))
     dp.verify("out/")
     dp.DeployCallback(...)                    # Lightning callback
+    dp.int8_report(model, calibration)        # which fused layers int8 hurts, and why
 
 Attributes are imported on first use so that ``import deployplug`` stays cheap for the
 command line and does not pull in Lightning for users of the plain API.
@@ -28,6 +29,8 @@ _LAZY = {
     "RepVGGBlock": ("deployplug.blocks", "RepVGGBlock"),
     "models": ("deployplug.models", None),
     "reparameterize": ("deployplug.reparam", "reparameterize"),
+    "ReparamReport": ("deployplug.reparam", "ReparamReport"),
+    "LinearRegionWarning": ("deployplug.reparam", "LinearRegionWarning"),
     "targets": ("deployplug.profiles", "targets"),
     "TargetProfile": ("deployplug.profiles", "TargetProfile"),
     "decompose": ("deployplug.decompositions", "decompose"),
@@ -38,6 +41,7 @@ _LAZY = {
     "VerifyReport": ("deployplug.verification", "VerifyReport"),
     "Manifest": ("deployplug.manifest", "Manifest"),
     "DeployCallback": ("deployplug.callback", "DeployCallback"),
+    "int8_report": ("deployplug.quant", "int8_report"),
     "DeployError": ("deployplug.errors", "DeployError"),
     "UnsupportedOpError": ("deployplug.errors", "UnsupportedOpError"),
     "VerificationError": ("deployplug.errors", "VerificationError"),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from deployplug.errors import ArtifactFormatError
-from deployplug.verification import VerifyReport
+from deployplug.verify_report import VerifyReport
 
 MANIFEST_FILE = "manifest.json"
 _TRACKED_PACKAGES = ("deployplug", "torch", "pytorch-lightning", "onnx", "onnxruntime",
@@ -88,6 +88,11 @@ class Manifest:
                 continue
             out[f"{prefix}/{fmt}/max_error"] = self.verification.max_error(fmt)
             out[f"{prefix}/{fmt}/passed"] = float(self.verification.format_passed(fmt))
+        counts = (self.extra.get("reparameterize") or {}).get("op_counts") or {}
+        for phase, ops in counts.items():  # conv / batch_norm / add before and after fusion
+            for op, n in (ops or {}).items():
+                if isinstance(n, (int, float)):
+                    out[f"{prefix}/reparam/{phase}/{op}"] = float(n)
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -48,9 +48,9 @@ from deployplug.io_spec import (
     unwrap_compiled,
 )
 from deployplug.manifest import Manifest, describe_files
+from deployplug.numerics import normalized_error
 from deployplug.outdir import ArtifactWriter, check_output_dir
 from deployplug.profiles import TargetProfile, get_target
-from deployplug.testing import normalized_error
 from deployplug.verification import (
     DEFAULT_TOLERANCE,
     REFERENCE_FILE,
@@ -271,12 +271,18 @@ def export(
     references = [reference_out] + [torch_outputs(reference, s) for s in samples[1:]]
 
     deploy_model = original
+    metadata = dict(metadata or {})
     if reparameterize:
+        from deployplug.reparam import ReparamReport
         from deployplug.reparam import reparameterize as fuse
+
+        fusion = ReparamReport()
 
         # In place: the references are taken, and the self-check keeps its own record of the
         # unfused outputs, so the one copy made above is all the export needs.
-        deploy_model = fuse(original, inplace=True, example_input=inputs, tolerance=tolerance)
+        deploy_model = fuse(original, inplace=True, example_input=inputs, tolerance=tolerance,
+                            report=fusion)
+        metadata["reparameterize"] = fusion.to_dict()
     if not spec.flat:
         deploy_model = FlatOutputs(deploy_model)
     in_names = input_names(unwrap_compiled(model), len(inputs))
@@ -295,7 +301,7 @@ def export(
         landed = [o for o in outcomes if not o.failure]
         failed = [o for o in outcomes if o.failure]
         context = _ManifestContext(inputs, in_names, spec.names, references[0], reparameterize,
-                                   decompose, verify, tolerance, dict(metadata or {}))
+                                   decompose, verify, tolerance, metadata)
         manifest = failed_manifest = None
         # Formats that failed before writing anything leave nothing worth a directory.
         published_failed = failed_dir if any(o.files for o in failed) else None

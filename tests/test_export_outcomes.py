@@ -88,15 +88,15 @@ def _tiny(seed: int = 0) -> nn.Module:
 
 def _sabotage_onnx_verification(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the ONNX runtime answer wrongly, as a mis-converted file would."""
-    from deployplug.exporters import get_exporter
+    from deployplug.runtimes import get_runner
 
-    exporter = get_exporter("onnx")
-    real_run = type(exporter).run_samples
+    runner = get_runner("onnx")
+    real_run = runner.run_samples
 
-    def wrong(self, out_dir, record, samples):
-        return [[o + 1.0 for o in outs] for outs in real_run(self, out_dir, record, samples)]
+    def wrong(out_dir, record, samples):
+        return [[o + 1.0 for o in outs] for outs in real_run(out_dir, record, samples)]
 
-    monkeypatch.setattr(type(exporter), "run_samples", wrong)
+    monkeypatch.setattr(runner, "run_samples", wrong)
 
 
 def test_failed_verification_raises_by_default_and_lands_in_failed_dir(tmp_path, monkeypatch):
@@ -325,3 +325,13 @@ def test_one_export_captures_each_target_legal_model_once(tmp_path, monkeypatch)
     assert manifest.passed
     # caffe (om) and msnhnet need no rewrite of this net: both reuse one capture
     assert len(calls) == 1, calls
+
+
+def test_manifest_and_metrics_carry_the_fusion_report(tmp_path):
+    manifest = dp.export(_tiny(), torch.randn(1, 3, 8, 8), tmp_path / "e")
+    on_disk = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    counts = on_disk["extra"]["reparameterize"]["op_counts"]
+    assert counts["before"]["batch_norm"] == 1 and counts["after"]["batch_norm"] == 0
+    metrics = manifest.metrics()
+    assert metrics["deploy/reparam/before/conv"] == 1.0
+    assert metrics["deploy/reparam/after/batch_norm"] == 0.0
