@@ -95,9 +95,17 @@ class Node:
     # Name of the torch.fx node this was normalized from (the graph rewriter needs it).
     fx_name: str = ""
 
-    def tensor_args(self) -> dict[str, torch.Tensor]:
-        """The constant tensors (weights, buffers, constants) this node reads, by argument name."""
-        return {k: v for k, v in self.args.items() if isinstance(v, torch.Tensor)}
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The output shape of a node that yields one tensor (``shape`` says ``None`` otherwise).
+
+        Lowering and rules size things from it; a node without one is refused by name here
+        rather than failing later with a bare ``TypeError``.
+        """
+        if self.shape is None:
+            raise CaptureError(f"node {self.name} ({self.op} at '{self.where}') has no single "
+                               "tensor output shape")
+        return self.shape
 
     @property
     def where(self) -> str:

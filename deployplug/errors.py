@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deployplug.verification import VerifyReport
+    from deployplug.verify_report import VerifyReport
 
 
 class DeployError(RuntimeError):
@@ -108,6 +108,9 @@ class IntegrityError(ArtifactFormatError):
     Raised (or recorded in a :class:`~deployplug.verification.VerifyReport`) *before* any
     artifact is run: numbers computed from files nobody can vouch for prove nothing.
     """
+
+    #: the report the check filled in, when :func:`deployplug.verify` raised this
+    report: VerifyReport | None = None
 
 
 class ReparameterizationError(DeployError):

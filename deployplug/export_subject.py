@@ -26,7 +26,7 @@ from torch import nn
 
 from deployplug.errors import ModuleMismatchError
 from deployplug.io_spec import flatten_outputs, strip_compiled_children
-from deployplug.testing import normalized_error
+from deployplug.numerics import normalized_error
 
 Example = torch.Tensor | tuple[torch.Tensor, ...]
 #: Largest normalized error at which a submodule counts as computing the forward itself.

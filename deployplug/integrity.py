@@ -79,7 +79,7 @@ def _file_problem(directory: Path, entry: Mapping[str, Any]) -> str | None:
     if why is not None:
         return (f"{name!r}: the manifest lists a name that {why}; only plain file names "
                 "inside the artifact directory are allowed")
-    path = directory / name
+    path = directory / str(name)  # a plain name: a str
     try:
         info = os.lstat(path)
     except FileNotFoundError:

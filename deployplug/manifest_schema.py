@@ -27,7 +27,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
-    return {dict: "object", list: "list"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {dict: "object", list: "list"}
+    return names.get(type(value), type(value).__name__)
 
 
 class _Fields:

@@ -30,7 +30,7 @@ from torch import nn
 from deployplug.errors import ParityError
 from deployplug.examples import split_batch
 from deployplug.io_spec import flatten_outputs
-from deployplug.testing import normalized_error
+from deployplug.numerics import normalized_error
 
 #: Input bytes gathered before the runtimes are called (each loads its files once a group).
 GROUP_BYTES = 64 << 20
@@ -99,11 +99,12 @@ class _Format:
 
 def format_runner(directory: str | Path, record: dict[str, Any], fmt: str) -> Runner:
     """Run ``fmt``'s files in ``directory`` (the manifest's ``formats[fmt]`` record)."""
-    from deployplug.exporters import FormatRecord, get_exporter
+    from deployplug.exporters import FormatRecord
+    from deployplug.runtimes import get_runner
 
-    exporter = get_exporter(fmt)
+    runner = get_runner(fmt)
     parsed = FormatRecord.from_dict(record)
-    return lambda samples: exporter.run_samples(Path(directory), parsed, samples)
+    return lambda samples: runner.run_samples(Path(directory), parsed, samples)
 
 
 def fixed_batch(manifest: Any, fmt: str) -> int | None:
@@ -141,7 +142,7 @@ def onnx_parity(onnx_path: str | Path, network: nn.Module, loader: Iterable[Any]
     The batch the file takes is read from its first input; the per-sample shape from the
     first batch of ``loader``.
     """
-    from deployplug.exporters.onnx import make_session
+    from deployplug.runtimes.onnxruntime import make_session
 
     session = make_session(Path(onnx_path))
     feeds = session.get_inputs()

@@ -323,7 +323,9 @@ def export(
         error.manifest, error.failed_dir = manifest, published_failed
         if strict or (manifest is None and failed_manifest is None):
             raise error
-        return manifest if manifest is not None else failed_manifest  # type: ignore[return-value]
+        returned = manifest if manifest is not None else failed_manifest
+        assert returned is not None  # both None raised just above
+        return returned
     assert manifest is not None
     return manifest
 

@@ -18,12 +18,13 @@ inflated before anything looked at it. Here, instead:
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -155,7 +156,7 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, spec: Mapping[str, 
         buffer = bytearray(nbytes)
         view, got = memoryview(buffer), 0
         while got < nbytes:
-            n = fp.readinto(view[got:])
+            n = cast(io.BufferedIOBase, fp).readinto(view[got:])  # a ZipExtFile
             if not n:
                 raise ArtifactFormatError(f"reference.npz: member {name} is truncated "
                                           f"({got} of {nbytes} data bytes)")

@@ -8,9 +8,12 @@ initialised deep nets span orders of magnitude.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
+
+from deployplug.numerics import normalized_error
+
+__all__ = ["normalized_error", "randomize_batchnorm"]
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -28,20 +31,3 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                     module.weight.copy_(torch.rand(c, generator=gen) + 0.5)
                     module.bias.copy_(torch.randn(c, generator=gen) * 0.2)
     return model
-
-
-def normalized_error(actual: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor,
-                     floor: float = 1e-12) -> float:
-    """max|actual - reference| / max|reference|, with the denominator floored.
-
-    The floor keeps the measure defined for all-zero references (a ReLU output can be).
-    """
-    a = np.asarray(actual.detach().cpu() if isinstance(actual, torch.Tensor) else actual,
-                   dtype=np.float64)
-    r = np.asarray(reference.detach().cpu() if isinstance(reference, torch.Tensor) else reference,
-                   dtype=np.float64)
-    if a.shape != r.shape:
-        raise ValueError(f"shape mismatch: {a.shape} vs reference {r.shape}")
-    if r.size == 0:
-        return 0.0
-    return float(np.max(np.abs(a - r)) / max(float(np.max(np.abs(r))), floor))

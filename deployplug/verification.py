@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,124 +19,15 @@ import torch
 from torch import nn
 
 from deployplug.errors import ArtifactFormatError, IntegrityError, VerificationError
-from deployplug.exporters import get_exporter
 from deployplug.exporters.base import FormatRecord
-from deployplug.testing import normalized_error
+from deployplug.numerics import normalized_error
+from deployplug.runtimes import get_runner
+from deployplug.verify_report import DEFAULT_TOLERANCE, Comparison, VerifyReport
 
 if TYPE_CHECKING:
     from deployplug.manifest import Manifest
 
 REFERENCE_FILE = "reference.npz"
-DEFAULT_TOLERANCE = 1e-5
-
-
-@dataclass
-class Comparison:
-    """One artifact output against one PyTorch output, on one input sample."""
-
-    format: str
-    source: str  # "recorded" (reference.npz) or "model" (fresh PyTorch outputs)
-    sample: int
-    output: int
-    shape: list[int]
-    max_abs: float
-    normalized: float
-    passed: bool
-
-
-@dataclass
-class VerifyReport:
-    """Per-format verdicts; ``passed`` only when every comparison passed and nothing failed."""
-
-    tolerance: float
-    comparisons: list[Comparison] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)  # format -> why it could not run
-    divergence: dict[str, str] = field(default_factory=dict)  # format -> first diverging layer
-    #: how the directory departs from its manifest; non-empty means no artifact was run
-    integrity: list[str] = field(default_factory=list)
-    #: the tolerance the manifest recorded at export time (reported, never applied)
-    recorded_tolerance: float | None = None
-
-    @property
-    def passed(self) -> bool:
-        return not self.integrity and not self.failures and bool(self.comparisons) and all(
-            c.passed for c in self.comparisons
-        )
-
-    def formats(self) -> list[str]:
-        seen = [c.format for c in self.comparisons] + list(self.failures)
-        return list(dict.fromkeys(seen))
-
-    def format_passed(self, fmt: str) -> bool:
-        rows = [c for c in self.comparisons if c.format == fmt]
-        return fmt not in self.failures and bool(rows) and all(c.passed for c in rows)
-
-    def max_error(self, fmt: str) -> float:
-        """Worst normalized error of one format (``inf`` when it could not run)."""
-        rows = [c.normalized for c in self.comparisons if c.format == fmt]
-        return max(rows) if rows and fmt not in self.failures else float("inf")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "tolerance": self.tolerance,
-            "formats": {
-                f: {"passed": self.format_passed(f), "max_error": _json_float(self.max_error(f))}
-                for f in self.formats()
-            },
-            "comparisons": [asdict(c) for c in self.comparisons],
-            "failures": dict(self.failures),
-            "divergence": dict(self.divergence),
-            "integrity": list(self.integrity),
-            **({} if self.recorded_tolerance is None
-               else {"recorded_tolerance": self.recorded_tolerance}),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VerifyReport:
-        """Rebuild a stored report; malformed data raises ``TypeError`` / ``ValueError``."""
-        if not isinstance(data, dict):
-            raise TypeError(f"a report must be an object, got {type(data).__name__}")
-        comparisons = data.get("comparisons", [])
-        if not isinstance(comparisons, list) or not all(isinstance(c, dict)
-                                                        for c in comparisons):
-            raise TypeError("'comparisons' must be a list of objects")
-        recorded = data.get("recorded_tolerance")
-        return cls(
-            tolerance=float(data["tolerance"]),
-            comparisons=[Comparison(**c) for c in comparisons],
-            failures={str(k): str(v) for k, v in dict(data.get("failures", {})).items()},
-            divergence={str(k): str(v) for k, v in dict(data.get("divergence", {})).items()},
-            integrity=[str(x) for x in list(data.get("integrity", []))],
-            recorded_tolerance=None if recorded is None else float(recorded),
-        )
-
-    def __str__(self) -> str:
-        header = f"{'format':<10}{'source':<10}{'sample':>7}{'output':>7}  {'shape':<20}"
-        header += f"{'max abs':>12}{'normalized':>13}  verdict"
-        title = f"verification (normalized tolerance {self.tolerance:g}"
-        if self.recorded_tolerance is not None and self.recorded_tolerance != self.tolerance:
-            title += f"; the manifest recorded {self.recorded_tolerance:g}, not used"
-        lines = [title + ")"]
-        if self.integrity:
-            lines.append("integrity FAILED, no artifact was run:")
-            lines += [f"  {problem}" for problem in self.integrity]
-        lines.append(header)
-        for c in self.comparisons:
-            lines.append(
-                f"{c.format:<10}{c.source:<10}{c.sample:>7}{c.output:>7}  {str(c.shape):<20}"
-                f"{c.max_abs:>12.3e}{c.normalized:>13.3e}  {'ok' if c.passed else 'MISMATCH'}"
-            )
-        for fmt, why in self.failures.items():
-            lines.append(f"{fmt:<10}FAILED to run: {why}")
-        for fmt, where in self.divergence.items():
-            lines.append(f"{fmt:<10}first diverging layer: {where}")
-        lines.append("result: " + ("PASSED" if self.passed else "FAILED"))
-        return "\n".join(lines)
-
-
-def _json_float(x: float) -> float | None:
-    return None if not np.isfinite(x) else float(x)
 
 
 # ----------------------------------------------------------------------------- reference file
@@ -156,7 +46,7 @@ def save_reference(path: Path, samples: Sequence[Sequence[np.ndarray]],
         if array.dtype.kind not in "biuf" or array.dtype.fields is not None:
             raise ValueError(f"reference array {key} has dtype {array.dtype}; only numeric "
                              "tensors can be stored")
-    np.savez(path, **arrays)
+    np.savez(path, allow_pickle=False, **arrays)
 
 
 def load_reference(path: Path, inputs: Sequence[dict[str, Any]] | None = None,
@@ -194,9 +84,9 @@ def compare_format(
     report: VerifyReport,
 ) -> None:
     """Run one format on every sample and append the comparisons (or the failure) to ``report``."""
-    exporter = get_exporter(record.format)
+    runner = get_runner(record.format)
     try:
-        all_outs = exporter.run_samples(out_dir, record, samples)
+        all_outs = runner.run_samples(out_dir, record, samples)
         for k, (outs, refs) in enumerate(zip(all_outs, references, strict=True)):
             if len(outs) != len(refs):
                 raise ArtifactFormatError(
@@ -225,8 +115,8 @@ def locate_divergence(out_dir: Path, record: FormatRecord, model: nn.Module,
                       report: VerifyReport) -> None:
     """Ask the format for the first layer that departs from PyTorch, when it can tell."""
     try:
-        where = get_exporter(record.format).first_divergence(out_dir, record, model, inputs,
-                                                             tolerance)
+        where = get_runner(record.format).first_divergence(out_dir, record, model, inputs,
+                                                           tolerance)
     except Exception as exc:
         where = f"(layer-by-layer comparison failed: {type(exc).__name__}: {exc})"
     if where:
@@ -282,7 +172,7 @@ def verify(
                     f"{out_dir} does not match its manifest, so nothing was run: "
                     + "; ".join(report.integrity)
                     + ". Re-export, or restore the files the manifest records.")
-                error.report = report  # type: ignore[attr-defined]
+                error.report = report
                 raise error
             return report
         with vouching(entry["name"] for entry in manifest.files):
@@ -332,17 +222,3 @@ def _cpu_eval_copy(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model).cpu().float().eval()
-
-
-def report_from_manifest_file(path: Path) -> VerifyReport:
-    """The verification stored in a manifest, as a report object (the file is untrusted)."""
-    from deployplug.manifest_schema import read_manifest_json
-
-    data = read_manifest_json(Path(path))
-    if data.get("verification") is None:
-        raise ArtifactFormatError(f"{Path(path).name}: no verification was recorded")
-    try:
-        return VerifyReport.from_dict(data["verification"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactFormatError(f"{Path(path).name}: field 'verification' is malformed: "
-                                  f"{type(exc).__name__}: {exc}") from None

@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV="${VENV:-.venv}"
 "$VENV/bin/ruff" check deployplug tests scripts
+# the import contract in pyproject.toml ([tool.importlinter]): imports run one way
+"$VENV/bin/lint-imports"
 set +e
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider --timeout=900 "$@"
 status=$?

@@ -16,17 +16,19 @@ from torch import nn
 from deployplug.errors import CaptureError, UnsupportedOpError
 from deployplug.exporters import FormatRecord, get_exporter
 from deployplug.exporters.caffe.writer import blob_array, read_caffemodel, read_prototxt
+from deployplug.runtimes import get_runner
 from deployplug.testing import normalized_error, randomize_batchnorm
 
 TOL = 1e-5
 EXPORTER = get_exporter("caffe")
+RUNNER = get_runner("caffe")
 
 
 def roundtrip(model, inputs, out_dir, target="caffe"):
     """Write the files, run them in OpenCV, return (record, caffe outputs, torch outputs)."""
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     record = EXPORTER.write(model, inputs, out_dir, target)
-    got = EXPORTER.run(out_dir, record, [x.numpy() for x in inputs])
+    got = RUNNER.run(out_dir, record, [x.numpy() for x in inputs])
     with torch.no_grad():
         ref = model(*inputs)
     ref = list(ref) if isinstance(ref, (tuple, list)) else [ref]
@@ -249,7 +251,7 @@ def test_segmentation_head_argmax(tmp_path):
     assert any("ArgMax" in note for note in record.info["runtime_notes"])
     # the record survives the manifest's JSON round trip and still runs the files
     stored = FormatRecord.from_dict(json.loads(json.dumps(record.to_dict())))
-    again = EXPORTER.run(tmp_path, stored, [x.numpy()])
+    again = RUNNER.run(tmp_path, stored, [x.numpy()])
     np.testing.assert_array_equal(again[0], got[0])
 
 
@@ -360,12 +362,12 @@ def test_first_divergence_names_the_broken_layer(tmp_path):
                           nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
     x = torch.randn(1, 3, 8, 8)
     record = EXPORTER.write(model, (x,), tmp_path, "caffe")
-    assert EXPORTER.first_divergence(tmp_path, record, model, [x.numpy()], TOL) is None
+    assert RUNNER.first_divergence(tmp_path, record, model, [x.numpy()], TOL) is None
     weights = read_caffemodel(tmp_path / "model.caffemodel")
     target = next(layer for layer in weights.layer if layer.name == "2")
     target.blobs[0].data[0] += 1.0
     (tmp_path / "model.caffemodel").write_bytes(weights.SerializeToString())
-    found = EXPORTER.first_divergence(tmp_path, record, model, [x.numpy()], TOL)
+    found = RUNNER.first_divergence(tmp_path, record, model, [x.numpy()], TOL)
     assert found is not None and found.startswith("layer '2'"), found
 
 

@@ -16,9 +16,11 @@ from deployplug.exporters.caffe import om_check
 from deployplug.exporters.caffe.schema import messages
 from deployplug.exporters.caffe.writer import read_prototxt
 from deployplug.profiles import get_target
+from deployplug.runtimes import get_runner
 from deployplug.testing import normalized_error, randomize_batchnorm
 
 EXPORTER = get_exporter("caffe")
+RUNNER = get_runner("caffe")
 TOL = 1e-5
 
 
@@ -35,7 +37,7 @@ def test_nearest_upsample_by_integer_factors(target, tmp_path):
     model = _decoder()
     x = torch.randn(1, 3, 5, 7)
     record = EXPORTER.write(model, (x,), tmp_path, target)
-    got = EXPORTER.run(tmp_path, record, [x.numpy()])
+    got = RUNNER.run(tmp_path, record, [x.numpy()])
     ref = model(x)
     for g, r in zip(got, ref):
         assert g.shape == tuple(r.shape)
@@ -73,7 +75,7 @@ def test_om_profile_refuses_every_violation_at_once(tmp_path):
     assert not (tmp_path / "om").exists()
     # the same model is fine for plain Caffe, and exact in OpenCV
     record = EXPORTER.write(model, (x,), tmp_path / "caffe", "caffe")
-    got = EXPORTER.run(tmp_path / "caffe", record, [x.numpy()])
+    got = RUNNER.run(tmp_path / "caffe", record, [x.numpy()])
     for g, r in zip(got, model(x)):
         assert normalized_error(g, r) <= TOL
 
@@ -139,7 +141,7 @@ def test_global_pooling_within_limit_is_accepted(tmp_path):
                           nn.Linear(4, 3)).eval()
     x = torch.randn(1, 3, 33, 30)
     record = EXPORTER.write(model, (x,), tmp_path, "om")
-    got = EXPORTER.run(tmp_path, record, [x.numpy()])
+    got = RUNNER.run(tmp_path, record, [x.numpy()])
     assert normalized_error(got[0], model(x)) <= TOL
 
 
@@ -154,5 +156,5 @@ def test_unet_with_asymmetric_pad_after_decomposition(tmp_path):
         EXPORTER.write(model, (x,), tmp_path / "raw", "om")
     legal = decompose(model, "om", x)
     record = EXPORTER.write(legal, (x,), tmp_path / "om", "om")
-    got = EXPORTER.run(tmp_path / "om", record, [x.numpy()])
+    got = RUNNER.run(tmp_path / "om", record, [x.numpy()])
     assert normalized_error(got[0], model(x)) <= TOL

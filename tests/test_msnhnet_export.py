@@ -15,11 +15,13 @@ from torch import nn
 from deployplug.capture import Graph, Node, Ref, Value
 from deployplug.errors import UnsupportedOpError
 from deployplug.exporters import get_exporter
-from deployplug.exporters.msnhnet import GRAPH_FILE, WEIGHTS_FILE, MsnhNetExporter, run_files
+from deployplug.exporters.msnhnet import GRAPH_FILE, WEIGHTS_FILE, MsnhNetExporter
 from deployplug.exporters.msnhnet import write_files as write_graph
 from deployplug.profiles import get_target
+from deployplug.runtimes import get_runner
 from deployplug.runtimes import msnhnet as rt
 from deployplug.runtimes.msnhnet.parse import parse_text
+from deployplug.runtimes.msnhnet_files import run_files
 from deployplug.testing import normalized_error, randomize_batchnorm
 
 TOL = 1e-5
@@ -29,7 +31,7 @@ def _export(model: nn.Module, x: torch.Tensor, out: Path):
     exporter = get_exporter("msnhnet")
     model = randomize_batchnorm(model, seed=1).eval()
     record = exporter.write(model, (x,), out, get_target("msnhnet"))
-    got = exporter.run(out, record, [x.numpy()])[0]
+    got = get_runner("msnhnet").run(out, record, [x.numpy()])[0]
     with torch.no_grad():
         ref = model(x)
     return got, ref, record
@@ -541,7 +543,8 @@ def test_first_divergence(tmp_path: Path) -> None:
     x = torch.randn(1, 3, 17, 23)
     exporter = get_exporter("msnhnet")
     record = exporter.write(model, (x,), tmp_path, "msnhnet")
-    assert exporter.first_divergence(tmp_path, record, model, [x.numpy()], TOL) is None
+    runner = get_runner("msnhnet")
+    assert runner.first_divergence(tmp_path, record, model, [x.numpy()], TOL) is None
     weights = np.fromfile(tmp_path / WEIGHTS_FILE, dtype="<f4")
     layers = _layers(tmp_path)
     conv_c = next(i for i, node in enumerate(record.info["layer_nodes"])
@@ -549,12 +552,12 @@ def test_first_divergence(tmp_path: Path) -> None:
     offset = sum(layer.num_weights for layer in layers[:conv_c])
     weights[offset:offset + layers[conv_c].num_weights] += 1.0  # corrupt the third conv
     weights.astype("<f4").tofile(tmp_path / WEIGHTS_FILE)
-    found = exporter.first_divergence(tmp_path, record, model, [x.numpy()], TOL)
+    found = runner.first_divergence(tmp_path, record, model, [x.numpy()], TOL)
     assert found is not None and found.startswith("c (conv2d")
     stored = type(record).from_dict(record.to_dict())  # as re-read from a manifest
-    assert exporter.first_divergence(tmp_path, stored, model, [x.numpy()], TOL) == found
+    assert runner.first_divergence(tmp_path, stored, model, [x.numpy()], TOL) == found
     unfused = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
-    assert exporter.first_divergence(tmp_path, stored, unfused, [x.numpy()], TOL) is None
+    assert runner.first_divergence(tmp_path, stored, unfused, [x.numpy()], TOL) is None
 
 
 def test_target_profile_matches_the_writer() -> None:

@@ -18,8 +18,8 @@ from deployplug.errors import (
     OutputDirectoryError,
     VerificationError,
 )
-from deployplug.exporters.onnx import make_session
 from deployplug.manifest import load_manifest
+from deployplug.runtimes.onnxruntime import make_session
 from deployplug.testing import randomize_batchnorm
 from deployplug.verification import load_reference
 

@@ -77,10 +77,11 @@ def decompose(
         warnings.warn(
             "decompose(model, target, example_input) is deprecated: call "
             "decompose(model, example_input, target)", DeprecationWarning, stacklevel=2)
-        example_input, target = target, example_input  # type: ignore[assignment]
+        example_input, target = target, example_input
     if not isinstance(target, (str, TargetProfile)):
         raise TypeError("decompose(model, example_input, target) needs a target name such as "
                         f"'caffe' or a TargetProfile, got {type(target).__name__}")
+    # the deprecated order swaps the two above, and mypy cannot narrow example_input back
     result = run_decompose(model, target, example_input)  # type: ignore[arg-type]
     if result.offenders:
         raise UnsupportedOpError(result.offenders)

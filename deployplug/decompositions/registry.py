@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, overload
 
 from torch import nn
 
@@ -94,7 +95,15 @@ class Rule:
 _RULES: dict[str, Rule] = {}
 
 
-def register_rule(rule: Rule | None = None, **fields) -> Rule | Callable[[Builder], Rule]:
+@overload
+def register_rule(rule: Rule) -> Rule: ...
+
+
+@overload
+def register_rule(rule: None = None, **fields: Any) -> Callable[[Builder], Rule]: ...
+
+
+def register_rule(rule: Rule | None = None, **fields: Any) -> Rule | Callable[[Builder], Rule]:
     """Register ``rule``; or, used as ``@register_rule(name=..., op=...)``, build one.
 
     The decorator form wraps a builder function, so a rule module reads as one function per

@@ -1,19 +1,20 @@
-"""The contract every artifact format implements: write files, and run them back.
+"""The contract every artifact format implements: write files and say what was written.
 
-Keeping ``write`` and ``run`` side by side means a format cannot be added without a way to
-check it: the pipeline writes, then verification calls ``run`` on the files it just wrote
-(and later on the same directory, without the model).
+Exporters only write. Running the files back is the job of a runner in
+:mod:`deployplug.runtimes`, keyed by the same format name, so the writers never import a
+runtime and a runtime reads only what the :class:`FormatRecord` and the files say.
 """
 
 from __future__ import annotations
 
 import abc
+import copy
+import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,9 +33,13 @@ class FormatRecord:
     target: str
     files: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    #: the captured graph that was lowered, kept in memory only (never in the manifest), so a
+    #: layer-by-layer comparison right after writing does not depend on the model it is handed
+    graph: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"format": self.format, "target": self.target, "files": list(self.files),
+                "info": copy.deepcopy(self.info)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FormatRecord:
@@ -71,24 +76,16 @@ class Exporter(abc.ABC):
         it instead of capturing the model again.
         """
 
-    @abc.abstractmethod
-    def run(
-        self, out_dir: Path, record: FormatRecord, inputs: Sequence[np.ndarray]
-    ) -> list[np.ndarray]:
-        """Execute the written files in this format's runtime and return every output."""
-
     def run_samples(self, out_dir: Path, record: FormatRecord,
-                    samples: Sequence[Sequence[np.ndarray]]) -> list[list[np.ndarray]]:
-        """Run every sample; formats override this to load their files once for all of them."""
-        return [self.run(out_dir, record, inputs) for inputs in samples]
+                    samples: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        """Deprecated: run the files with ``deployplug.runtimes.get_runner(fmt)`` instead.
 
-    def first_divergence(
-        self,
-        out_dir: Path,
-        record: FormatRecord,
-        model: nn.Module,
-        inputs: Sequence[np.ndarray],
-        tolerance: float,
-    ) -> str | None:
-        """Name the first layer whose output departs from PyTorch, when the format can tell."""
-        return None
+        Kept only so callers written against the old contract still run; the runner is the
+        one implementation.
+        """
+        from deployplug.runtimes import get_runner
+
+        warnings.warn("Exporter.run_samples is deprecated; use "
+                      f"deployplug.runtimes.get_runner({self.format!r}).run_samples",
+                      DeprecationWarning, stacklevel=2)
+        return get_runner(self.format).run_samples(out_dir, record, samples)

@@ -39,6 +39,19 @@ def scalar(value: Any) -> float | None:
     return None
 
 
+def scalar_arg(node: Node, name: str) -> float:
+    """Argument ``name`` of ``node`` as a float, or an :class:`OpAttributeError` naming both.
+
+    For writers: their target's check has accepted the node, so a non-scalar here is a
+    disagreement to report, never a ``None`` to write into a file.
+    """
+    value = scalar(node.args.get(name))
+    if value is None:
+        raise OpAttributeError(f"{node.name} ({node.op} at '{node.where}'): argument {name!r} "
+                               f"is not a number or a one-element tensor")
+    return value
+
+
 def pair(value: Any, n: int = 2, *, name: str = "value", default: int | None = None
          ) -> tuple[int, ...]:
     """An int, or a list of 1 or ``n`` ints, as ``n`` ints (ATen accepts all three forms).

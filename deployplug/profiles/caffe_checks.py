@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from deployplug.capture import Graph, Node, Ref
+from deployplug.errors import OpAttributeError
 from deployplug.ops.attrs import (
     adaptive_sizes,
     conv_pads,
@@ -71,6 +72,18 @@ def resize_factors(node: Node, graph: Graph) -> tuple[int, int] | str:
         if sc is not None and float(sc) != fi:
             return f"scale factor {sc} is not the integer {fi}"
     return f[0], f[1]
+
+
+def integer_factors(node: Node, graph: Graph) -> tuple[int, int]:
+    """:func:`resize_factors` for a writer: the factors, or an error naming the node and why.
+
+    The check has accepted the node before a writer asks, so this raises only when the two
+    disagree; a reason string must never be unpacked as two factors.
+    """
+    found = resize_factors(node, graph)
+    if isinstance(found, str):
+        raise OpAttributeError(f"{node.name} ({node.op} at '{node.where}'): {found}")
+    return found
 
 
 def prefix_broadcast(small: tuple[int, ...], big: tuple[int, ...]) -> int | None:

@@ -12,6 +12,7 @@ never changed), and every adaptation is reported back:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,22 @@ from typing import Any
 import numpy as np
 import torch
 from google.protobuf import text_format
+from torch import nn
 
-from deployplug.capture import Graph, evaluate
+from deployplug.capture import Graph, capture, evaluate
 from deployplug.errors import ArtifactFormatError
+from deployplug.exporters.base import FormatRecord
 from deployplug.exporters.caffe.net import nearest_deconv_param
-from deployplug.exporters.caffe.writer import fill, read_caffemodel, read_prototxt
+from deployplug.exporters.caffe.writer import (
+    CAFFEMODEL,
+    PROTOTXT,
+    fill,
+    read_caffemodel,
+    read_prototxt,
+)
 from deployplug.limits import INT32_MAX, current
-from deployplug.runtimes import caffe_bounds
+from deployplug.numerics import normalized_error
+from deployplug.runtimes import Runner, caffe_bounds, register_runner
 
 _RESHAPES = ("Reshape", "Flatten")
 
@@ -220,17 +230,13 @@ def forward(prepared: PreparedNet, input_names: Sequence[str], inputs: Sequence[
     return out
 
 
-def run(prototxt: Path, caffemodel: Path, info: Mapping[str, Any],
-        inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
-    """Outputs of the files for ``inputs``, in the order recorded in ``info['outputs']``."""
-    outputs, notes = run_samples(prototxt, caffemodel, info, [inputs])
-    return outputs[0], notes
-
-
 def run_samples(prototxt: Path, caffemodel: Path, info: Mapping[str, Any],
                 samples: Sequence[Sequence[np.ndarray]]
                 ) -> tuple[list[list[np.ndarray]], list[str]]:
-    """:func:`run` for several samples, loading the net into OpenCV once."""
+    """Outputs of the files for every sample, in the order recorded in ``info['outputs']``.
+
+    The net is loaded into OpenCV once for all samples.
+    """
     outputs = [o["blob"] for o in info["outputs"]]
     prepared = prepare(prototxt, caffemodel, info.get("dialect", "bvlc"),
                        info.get("upsample_channels"), outputs)
@@ -246,8 +252,6 @@ def run_samples(prototxt: Path, caffemodel: Path, info: Mapping[str, Any],
 def first_divergence(prototxt: Path, caffemodel: Path, info: Mapping[str, Any], graph: Graph,
                      inputs: Sequence[np.ndarray], tolerance: float) -> str | None:
     """The first graph value (in graph order) whose OpenCV blob departs from PyTorch."""
-    from deployplug.testing import normalized_error
-
     blob_of = dict(info.get("value_blobs", {}))
     inputs_t = [torch.as_tensor(np.asarray(x, dtype=np.float32)) for x in inputs]
     ref = evaluate(graph, inputs_t)
@@ -272,3 +276,28 @@ def first_divergence(prototxt: Path, caffemodel: Path, info: Mapping[str, Any], 
             return (f"layer '{blob_of[node.name]}' ({node.op} at {node.where}): normalized "
                     f"error {err:.3g} > {tolerance:g}")
     return None
+
+
+class CaffeRunner(Runner):
+    """``model.prototxt`` + ``model.caffemodel`` in OpenCV, loaded once for all samples."""
+
+    format = "caffe"
+
+    def run_samples(self, out_dir: Path, record: FormatRecord,
+                    samples: Sequence[Sequence[np.ndarray]]) -> list[list[np.ndarray]]:
+        out_dir = Path(out_dir)
+        outputs, notes = run_samples(out_dir / PROTOTXT, out_dir / CAFFEMODEL, record.info,
+                                     samples)
+        record.info["runtime_notes"] = notes
+        return outputs
+
+    def first_divergence(self, out_dir: Path, record: FormatRecord, model: nn.Module,
+                         inputs: Sequence[np.ndarray], tolerance: float) -> str | None:
+        tensors = tuple(torch.as_tensor(np.asarray(x, dtype=np.float32)) for x in inputs)
+        graph = capture(copy.deepcopy(model).cpu().eval(), tensors)  # the caller's stays as is
+        out_dir = Path(out_dir)
+        return first_divergence(out_dir / PROTOTXT, out_dir / CAFFEMODEL, record.info, graph,
+                                inputs, tolerance)
+
+
+register_runner(CaffeRunner())

@@ -20,6 +20,7 @@ from torch import nn
 from deployplug.capture import Graph, Node
 from deployplug.decompositions.examples import A, aten_node, examples
 from deployplug.decompositions.registry import needs, register_rule
+from deployplug.errors import OpAttributeError
 from deployplug.ops.attrs import in_shape, reduce_dims
 from deployplug.profiles import TargetProfile
 
@@ -45,7 +46,7 @@ def _even_bins(node: Node, graph: Graph, target: TargetProfile) -> bool:
     shape = in_shape(node, graph)
     if len(shape) != 4:
         return False
-    oh, ow = node.shape[2:]
+    oh, ow = node.out_shape[2:]
     return shape[2] % oh == 0 and shape[3] % ow == 0
 
 
@@ -57,8 +58,8 @@ def _even_bins(node: Node, graph: Graph, target: TargetProfile) -> bool:
                    lambda: aten_node(_ATEN.adaptive_avg_pool2d.default, [_MAP], A(0), [2, 1])))
 def build_adaptive(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     h, w = in_shape(node, graph)[2:]
-    oh, ow = node.shape[2:]
-    return AvgPoolBins((h // oh, w // ow), node.shape)
+    oh, ow = node.out_shape[2:]
+    return AvgPoolBins((h // oh, w // ow), node.out_shape)
 
 
 def _spatial_dims(node: Node, graph: Graph) -> set[int] | None:
@@ -73,9 +74,12 @@ def _spatial_dims(node: Node, graph: Graph) -> set[int] | None:
 def _build_reduction(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     h, w = in_shape(node, graph)[2:]
     axes = _spatial_dims(node, graph)
+    if axes is None:  # the rule's check admits only reductions over H and/or W
+        raise OpAttributeError(f"{node.name} ({node.op} at '{node.where}'): not a reduction "
+                               "over the spatial axes only")
     kernel = (h if 2 in axes else 1, w if 3 in axes else 1)
     scale = kernel[0] * kernel[1] if node.op == "sum" else 1.0
-    return AvgPoolBins(kernel, node.shape, scale)
+    return AvgPoolBins(kernel, node.out_shape, scale)
 
 
 def _reduction_examples(op: str):

@@ -69,6 +69,10 @@ def _affine(node: Node, graph: Graph) -> tuple[torch.Tensor, torch.Tensor] | Non
 class ChannelAffine(nn.Module):
     """``y = x * scale[c] + shift[c]`` as a depthwise 1x1 convolution."""
 
+    #: registered buffers, declared for the type checker
+    weight: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         self.register_buffer("weight", scale.to(dtype).reshape(-1, 1, 1, 1).clone())
@@ -120,9 +124,9 @@ def _broadcast_plan(node: Node, graph: Graph) -> tuple[int, tuple[int, int]] | N
     if len(sa) != 4 or len(sb) != 4 or sa[:2] != sb[:2] or sa == sb:
         return None
     if tuple(sb[2:]) == (1, 1):
-        return 1, tuple(sa[2:])
+        return 1, (sa[2], sa[3])
     if tuple(sa[2:]) == (1, 1):
-        return 0, tuple(sb[2:])
+        return 0, (sb[2], sb[3])
     return None
 
 

@@ -36,6 +36,9 @@ _VOLUME = torch.linspace(-1.0, 1.0, 2 * 3 * 4 * 4).reshape(1, 2, 3, 4, 4)
 class Conv3dAsConv2d(nn.Module):
     """Exact ``conv3d`` for a fixed input depth, computed with 2-D convolutions."""
 
+    #: registered buffers, declared for the type checker
+    bias: torch.Tensor | None
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
                  dilation, groups: int, depth: int):
         super().__init__()
@@ -93,6 +96,12 @@ def build_conv3d(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
 
 class BatchNormAs2d(nn.Module):
     """Eval-mode BatchNorm of any rank, run as a 4-D batch_norm on a reshaped view."""
+
+    #: registered buffers, declared for the type checker
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
 
     def __init__(self, mean, var, weight, bias, eps: float):
         super().__init__()

@@ -10,6 +10,8 @@ no output_padding; symmetric pads and crops it has.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,8 +28,12 @@ _ATEN = torch.ops.aten
 class ConvTransposeCropped(nn.Module):
     """Exact ``conv_transpose2d`` with output_padding, built without it."""
 
+    #: registered buffers, declared for the type checker
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, weight, bias, stride, padding, output_padding, groups, dilation,
-                 out_hw: tuple[int, int]):
+                 out_hw: Sequence[int]):
         super().__init__()
         p = pair(padding, name="padding")
         op = pair(output_padding, name="output_padding")
@@ -40,7 +46,9 @@ class ConvTransposeCropped(nn.Module):
         self.register_buffer("weight", weight.detach().clone())
         bias_t = None if bias is None else bias.detach().clone()
         self.bias_late = any(self.extra) and bias_t is not None
-        self.register_buffer("bias", bias_t.reshape(1, -1, 1, 1) if self.bias_late else bias_t)
+        if self.bias_late and bias_t is not None:
+            bias_t = bias_t.reshape(1, -1, 1, 1)
+        self.register_buffer("bias", bias_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.conv_transpose2d(x, self.weight, None if self.bias_late else self.bias,
@@ -50,7 +58,7 @@ class ConvTransposeCropped(nn.Module):
             y = F.pad(y, (ew, ew, eh, eh))
         (sh, sw), (oh, ow) = self.start, self.out_hw
         y = y[:, :, sh:sh + oh, sw:sw + ow]
-        if self.bias_late:
+        if self.bias_late and self.bias is not None:
             y = y + self.bias
         return y
 
@@ -71,4 +79,4 @@ def build_conv_transpose(node: Node, graph: Graph, target: TargetProfile) -> nn.
     a = node.args
     return ConvTransposeCropped(a["weight"], a.get("bias"), a["stride"], a["padding"],
                                 a["output_padding"], a["groups"], a["dilation"],
-                                node.shape[2:])
+                                node.out_shape[2:])

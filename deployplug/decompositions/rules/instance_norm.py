@@ -38,6 +38,10 @@ def _channel_view(t: torch.Tensor | None) -> torch.Tensor | None:
 class InstanceNormBroadcast(nn.Module):
     """Exact instance normalisation (input statistics) without any mean/var reduction."""
 
+    #: registered buffers, declared for the type checker
+    weight: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
         super().__init__()
         self.register_buffer("weight", _channel_view(weight))

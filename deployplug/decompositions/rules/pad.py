@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +32,7 @@ _MAP = torch.arange(2 * 5 * 6, dtype=torch.float32).reshape(1, 2, 5, 6)
 class SymmetricPadCrop(nn.Module):
     """Exact H/W padding from a symmetric pad and a crop."""
 
-    def __init__(self, pads: list[int], mode: str, value: float, out_hw: tuple[int, int]):
+    def __init__(self, pads: list[int], mode: str, value: float, out_hw: Sequence[int]):
         super().__init__()
         left, right, top, bottom = (pads + [0, 0, 0, 0])[:4]
         self.sym_w, self.sym_h = max(left, right, 0), max(top, bottom, 0)
@@ -66,11 +68,17 @@ def _spatial_only(node: Node, graph: Graph, target: TargetProfile) -> bool:
 
 def _build_spatial(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     spec = pad_spec(node, graph)
-    return SymmetricPadCrop(list(spec.spatial), spec.mode, spec.value, node.shape[2:])
+    return SymmetricPadCrop(list(spec.spatial), spec.mode, spec.value, node.out_shape[2:])
 
 
 class ChannelPad(nn.Module):
     """Constant channel padding (or cropping) by concatenation, then any H/W padding."""
+
+    #: registered buffers, declared for the type checker
+    before_w: torch.Tensor
+    before_b: torch.Tensor
+    after_w: torch.Tensor
+    after_b: torch.Tensor
 
     def __init__(self, channels: int, before: int, after: int, value: float, spatial: list[int]):
         super().__init__()

@@ -18,6 +18,8 @@ read by the next stage, and removed by the crop, so the rounding mode cannot cha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +41,7 @@ def _rounding_agrees(node: Node, graph: Graph, pa: PoolAttrs) -> bool:
     """Ceil mode is accepted only where it gives the floor-mode size anyway."""
     if not pa.ceil_mode:
         return True
-    return tuple(node.shape[2:]) == tuple(
+    return tuple(node.out_shape[2:]) == tuple(
         torch_pool_out(n, k, s, p) for n, k, s, p in zip(in_shape(node, graph)[2:], pa.kernel,
                                                           pa.stride, pa.padding))
 
@@ -47,7 +49,7 @@ def _rounding_agrees(node: Node, graph: Graph, pa: PoolAttrs) -> bool:
 class PoolChain(nn.Module):
     """A sequence of 2-D poolings followed by a crop to the original output size."""
 
-    def __init__(self, kind: str, stages: list[dict], out_hw: tuple[int, int]):
+    def __init__(self, kind: str, stages: list[dict], out_hw: Sequence[int]):
         super().__init__()
         self.kind, self.stages, self.out_hw = kind, stages, tuple(out_hw)
 
@@ -87,7 +89,7 @@ def _max_plan(node: Node, graph: Graph, target: TargetProfile) -> list[dict] | N
     axes = [_max_axis(k, s, p, limit) for k, s, p in zip(kernel, stride, padding)]
     if any(ax is None for ax in axes):
         return None
-    (ah, dh, nh, sh), (aw, dw, nw, sw) = axes
+    (ah, dh, nh, sh), (aw, dw, nw, sw) = [ax for ax in axes if ax is not None]
     return [
         {"kernel": (ah, aw), "stride": (dh, dw), "padding": tuple(padding)},
         {"kernel": (nh, nw), "stride": (sh, sw), "padding": (0, 0)},
@@ -109,7 +111,7 @@ _BIG = torch.arange(2 * 96 * 96, dtype=torch.float32).reshape(1, 2, 96, 96)
 def build_max_pool(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     plan = _max_plan(node, graph, target)
     assert plan is not None
-    return PoolChain("max", plan, node.shape[2:])
+    return PoolChain("max", plan, node.out_shape[2:])
 
 
 def _avg_plan(node: Node, graph: Graph, target: TargetProfile) -> list[dict] | None:
@@ -152,4 +154,4 @@ def _avg_plan(node: Node, graph: Graph, target: TargetProfile) -> list[dict] | N
 def build_avg_pool(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     plan = _avg_plan(node, graph, target)
     assert plan is not None
-    return PoolChain("avg", plan, node.shape[2:])
+    return PoolChain("avg", plan, node.out_shape[2:])

@@ -15,6 +15,7 @@ and every shipped writer reads the factor off the sizes, so no rule rewrites it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from fractions import Fraction
 
 import torch
@@ -36,7 +37,7 @@ MAX_INTERMEDIATE = 1 << 22
 
 def _sizes(node: Node, graph: Graph) -> tuple[tuple[int, int], tuple[int, int]]:
     shape = in_shape(node, graph)
-    return (shape[2], shape[3]), (node.shape[2], node.shape[3])
+    return (shape[2], shape[3]), (node.out_shape[2], node.out_shape[3])
 
 
 def _integer_scales(node: Node) -> bool:
@@ -94,8 +95,11 @@ def _plan(node: Node, graph: Graph) -> tuple[tuple[int, int], tuple[int, int]] |
 class NearestResample(nn.Module):
     """Nearest resize to any size: integer upsample, then a strided identity 1x1 conv."""
 
+    #: registered buffers, declared for the type checker
+    pick: torch.Tensor
+
     def __init__(self, channels: int, repeat: tuple[int, int], step: tuple[int, int],
-                 out_hw: tuple[int, int]):
+                 out_hw: Sequence[int]):
         super().__init__()
         self.repeat, self.step, self.channels = tuple(float(r) for r in repeat), step, channels
         self.out_hw = tuple(out_hw)
@@ -122,4 +126,4 @@ class NearestResample(nn.Module):
 def build_nearest(node: Node, graph: Graph, target: TargetProfile) -> nn.Module:
     plan = _plan(node, graph)
     assert plan is not None
-    return NearestResample(in_shape(node, graph)[1], *plan, node.shape[2:])
+    return NearestResample(in_shape(node, graph)[1], *plan, node.out_shape[2:])

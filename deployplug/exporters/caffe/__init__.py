@@ -43,11 +43,6 @@ def capture_for_export(model: nn.Module, example_inputs: Sequence[Any]) -> Graph
     return capture(work, _as_tensors(example_inputs))
 
 
-def check_graph(graph: Graph, target: TargetProfile) -> None:
-    """Raise :class:`UnsupportedOpError` naming every node ``target`` refuses."""
-    require_supported(graph, target)
-
-
 def _blob_shapes(graph: Graph, net: lowering.CaffeNet) -> dict[str, tuple[int, ...]]:
     shapes = {v.name: tuple(v.shape) for v in graph.inputs}
     for node in graph.nodes:
@@ -85,7 +80,7 @@ class CaffeExporter(Exporter):
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
         graph = options.get("graph") or capture_for_export(model, example_inputs)
-        check_graph(graph, target)
+        require_supported(graph, target)  # every refused node, at once
         net = lowering.lower(graph, dialect, target.name, options.get("name", type(model).__name__))
         if options.get("output_names"):
             net.name_outputs(list(options["output_names"]))
@@ -97,31 +92,6 @@ class CaffeExporter(Exporter):
                                           writer.CAFFEMODEL: writer.caffemodel_bytes(net)})
         return FormatRecord(self.format, target.name, [writer.PROTOTXT, writer.CAFFEMODEL],
                             _info(graph, net))
-
-    def run(self, out_dir: Path, record: FormatRecord,
-            inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return self.run_samples(out_dir, record, [inputs])[0]
-
-    def run_samples(self, out_dir: Path, record: FormatRecord,
-                    samples: Sequence[Sequence[np.ndarray]]) -> list[list[np.ndarray]]:
-        from deployplug.runtimes import opencv_caffe
-
-        out_dir = Path(out_dir)
-        outputs, notes = opencv_caffe.run_samples(out_dir / writer.PROTOTXT,
-                                                  out_dir / writer.CAFFEMODEL, record.info,
-                                                  samples)
-        record.info["runtime_notes"] = notes
-        return outputs
-
-    def first_divergence(self, out_dir: Path, record: FormatRecord, model: nn.Module,
-                         inputs: Sequence[np.ndarray], tolerance: float) -> str | None:
-        from deployplug.runtimes import opencv_caffe
-
-        graph = capture_for_export(model, inputs)
-        out_dir = Path(out_dir)
-        return opencv_caffe.first_divergence(out_dir / writer.PROTOTXT,
-                                             out_dir / writer.CAFFEMODEL, record.info, graph,
-                                             inputs, tolerance)
 
 
 def _info(graph: Graph, net: lowering.CaffeNet) -> dict[str, Any]:

@@ -68,6 +68,7 @@ def _clamp(ctx: LowerCtx, node: Node, x: str, lo: float | None, hi: float | None
             ctx.alias(node, x)
         return x
     if hi is None:
+        assert lo is not None  # both None returned above
         if lo == 0:
             return relu(ctx, node, x, final)
         r = relu(ctx, node, power(ctx, node, x, shift=-lo))

@@ -15,7 +15,7 @@ import torch
 from deployplug.capture import Node, Ref
 from deployplug.exporters.caffe.blocks import first, power, to_np
 from deployplug.exporters.caffe.net import LowerCtx, rule
-from deployplug.ops.attrs import scalar, varying_axis
+from deployplug.ops.attrs import scalar, scalar_arg, varying_axis
 from deployplug.profiles.caffe_checks import operands, prefix_broadcast
 
 
@@ -73,8 +73,8 @@ def _emit_binary(ctx: LowerCtx, node: Node) -> None:
         if op == "div":
             xb = power(ctx, node, xb, power=-1.0)
         if sa != sb:  # per-channel product: flatten the small one, two-bottom Scale at axis 0
-            big, small, shape = (xa, xb, sb) if sa == tuple(node.shape) else (xb, xa, sa)
-            k = prefix_broadcast(shape, tuple(node.shape))
+            big, small, shape = (xa, xb, sb) if sa == node.out_shape else (xb, xa, sa)
+            k = prefix_broadcast(shape, node.out_shape)
             flat = ctx.step(node, "Reshape", [small],
                             {"reshape_param": {"shape": {"dim": list(shape[:k])}}})
             ctx.step(node, "Scale", [big, flat], {"scale_param": {"axis": 0}}, final=True)
@@ -100,7 +100,7 @@ def _emit_binary(ctx: LowerCtx, node: Node) -> None:
 def _emit_rsub(ctx: LowerCtx, node: Node) -> None:
     alpha = float(node.args.get("alpha", 1))
     power(ctx, node, ctx.blob(node.args["self"]), scale=-alpha,
-           shift=scalar(node.args["other"]), final=True)
+           shift=scalar_arg(node, "other"), final=True)
 
 
 @rule("neg")
@@ -110,7 +110,7 @@ def _emit_neg(ctx: LowerCtx, node: Node) -> None:
 
 @rule("pow")
 def _emit_pow(ctx: LowerCtx, node: Node) -> None:
-    power(ctx, node, ctx.blob(node.args["self"]), power=scalar(node.args["exponent"]),
+    power(ctx, node, ctx.blob(node.args["self"]), power=scalar_arg(node, "exponent"),
            final=True)
 
 

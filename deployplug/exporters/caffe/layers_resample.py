@@ -15,12 +15,12 @@ from deployplug.capture import Node
 from deployplug.exporters.caffe.blocks import first, hw
 from deployplug.exporters.caffe.net import LowerCtx, nearest_deconv_param, rule
 from deployplug.ops.attrs import in_shape
-from deployplug.profiles.caffe_checks import resize_factors
+from deployplug.profiles.caffe_checks import integer_factors
 
 
 @rule("upsample_nearest2d", "_upsample_nearest_exact2d")
 def _emit_nearest(ctx: LowerCtx, node: Node) -> None:
-    fh, fw = resize_factors(node, ctx.graph)
+    fh, fw = integer_factors(node, ctx.graph)
     c = in_shape(node, ctx.graph)[1]
     x = ctx.blob(first(node))
     if ctx.dialect == "om":
@@ -66,7 +66,7 @@ def bilinear_taps(f: int) -> tuple[np.ndarray, int]:
 def _emit_bilinear(ctx: LowerCtx, node: Node) -> None:
     shape = in_shape(node, ctx.graph)
     c = shape[1]
-    fh, fw = resize_factors(node, ctx.graph)
+    fh, fw = integer_factors(node, ctx.graph)
     x = _repeat_edges(ctx, node, ctx.blob(first(node)), 2, shape[2])
     x = _repeat_edges(ctx, node, x, 3, shape[3])
     (th, ph), (tw, pw) = bilinear_taps(fh), bilinear_taps(fw)

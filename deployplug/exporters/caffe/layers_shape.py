@@ -21,13 +21,13 @@ from deployplug.profiles.caffe_checks import caffe_pads
 
 @rule("view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze")
 def _emit_reshape(ctx: LowerCtx, node: Node) -> None:
-    reshape_to(ctx, node, ctx.blob(first(node)), tuple(node.shape), in_shape(node, ctx.graph))
+    reshape_to(ctx, node, ctx.blob(first(node)), node.out_shape, in_shape(node, ctx.graph))
 
 
 @rule("cat", "concat")
 def _emit_cat(ctx: LowerCtx, node: Node) -> None:
     refs = node.args["tensors"]
-    rank = len(node.shape)
+    rank = len(node.out_shape)
     axis = norm_dim(int(node.args.get("dim", 0)), rank)
     blobs = [ctx.blob(r) for r in refs]
     if len(blobs) == 1:
@@ -75,7 +75,7 @@ def _emit_select(ctx: LowerCtx, node: Node) -> None:
     kept = list(src)
     kept[axis] = 1
     x = slice_axis(ctx, node, ctx.blob(first(node)), axis, idx, idx + 1, src[axis], final=False)
-    reshape_to(ctx, node, x, tuple(node.shape), tuple(kept))
+    reshape_to(ctx, node, x, node.out_shape, tuple(kept))
 
 
 def foldable_pads(graph: Graph) -> dict[str, tuple[Ref, tuple[int, int]]]:
@@ -139,4 +139,4 @@ def _emit_argmax(ctx: LowerCtx, node: Node) -> None:
     if not keep:
         kept = list(src)
         kept[axis] = 1
-        reshape_to(ctx, node, x, tuple(node.shape), tuple(kept))
+        reshape_to(ctx, node, x, node.out_shape, tuple(kept))

@@ -102,14 +102,6 @@ def caffemodel_bytes(net: CaffeNet) -> bytes:
     return net_parameter(net, params=False, blobs=True).SerializeToString()
 
 
-def write(net: CaffeNet, out_dir: Path) -> list[str]:
-    """Write both files into ``out_dir`` and return their names."""
-    out_dir = Path(out_dir)
-    (out_dir / PROTOTXT).write_text(prototxt_text(net))
-    (out_dir / CAFFEMODEL).write_bytes(caffemodel_bytes(net))
-    return [PROTOTXT, CAFFEMODEL]
-
-
 def read_prototxt(path: Path, dialect: str = "bvlc"):
     """Parse a ``.prototxt`` with the schema of ``dialect``, as untrusted input.
 

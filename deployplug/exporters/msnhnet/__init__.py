@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deployplug.capture import Graph, capture, evaluate
+from deployplug.capture import Graph, capture
 from deployplug.errors import (
     ArtifactFormatError,
     ExportFailedError,
@@ -117,7 +117,7 @@ def write_files(graph: Graph, out_dir: Path) -> dict[str, Any]:
         raise UnsupportedOpError(found)
     em = lower(graph)
     # MsnhNet runs every sample alone and no lowered layer mixes samples, so the files are
-    # written for batch 1 and any batch size runs by looping (``run_files``).
+    # written for batch 1 and any batch size runs by looping (the MsnhNet runner does).
     batch = 1
     text = render_text(em.layers, batch, em.in_shape)
     blob = render_bin(em.layers)
@@ -152,39 +152,6 @@ def _count(layers: list[MLayer]) -> dict[str, int]:
     return counts
 
 
-def run_files(out_dir: Path, info: dict[str, Any], x: np.ndarray,
-              model: runtime.MsnhNetModel | None = None) -> np.ndarray:
-    """Run the written files on ``x``, splitting it into batches of the configured size.
-
-    Both files are read through the bounded reference-runtime loader; a sample or a recorded
-    output shape that does not fit the graph is an :class:`ArtifactFormatError`, not a
-    reshape error.
-    """
-    if model is None:
-        model = runtime.load(Path(out_dir) / GRAPH_FILE, Path(out_dir) / WEIGHTS_FILE)
-    x = np.asarray(x, dtype=np.float32)
-    per_sample = int(np.prod(model.in_shape))
-    if x.ndim < 1 or x.shape[0] < 1 or x.size != x.shape[0] * per_sample:
-        raise ArtifactFormatError(f"input of shape {list(x.shape)} does not fit the graph's "
-                                  f"input C,H,W {model.in_shape}")
-    x = x.reshape((x.shape[0],) + model.in_shape)
-    if x.shape[0] % model.batch:
-        raise ArtifactFormatError(f"input batch {x.shape[0]} is not a multiple of the "
-                                  f"configured batch {model.batch}")
-    outs = [model.run(x[i:i + model.batch]) for i in range(0, x.shape[0], model.batch)]
-    y = np.concatenate(outs)  # type: ignore[arg-type]
-    shape = info.get("output_shape")
-    if shape:
-        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
-            raise ArtifactFormatError(f"recorded output_shape {shape!r} is not a list of ints")
-        target = (x.shape[0],) + tuple(shape[1:])
-        if int(np.prod(target, dtype=object)) != y.size:
-            raise ArtifactFormatError(f"the graph's output {list(y.shape)} does not fit the "
-                                      f"recorded output shape {shape}")
-        return y.reshape(target)
-    return y
-
-
 class MsnhNetExporter(Exporter):
     """``model.msnhnet`` + ``model.msnhbin``, checked by the numpy reference runtime."""
 
@@ -203,66 +170,11 @@ class MsnhNetExporter(Exporter):
             with torch.no_grad():
                 graph = capture(model, inputs)
         info = write_files(graph, Path(out_dir))
-        record = FormatRecord(format=self.format, target=getattr(target, "name", str(target)),
-                              files=[GRAPH_FILE, WEIGHTS_FILE], info=info)
-        # Kept in memory only (not in the manifest): the exact graph that was lowered, so a
-        # later layer-by-layer comparison does not depend on which model it is handed.
-        record._graph = graph  # type: ignore[attr-defined]
-        return record
-
-    def run(self, out_dir: Path, record: FormatRecord,
-            inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return self.run_samples(out_dir, record, [inputs])[0]
-
-    def run_samples(self, out_dir: Path, record: FormatRecord,
-                    samples: Sequence[Sequence[np.ndarray]]) -> list[list[np.ndarray]]:
-        if any(len(inputs) != 1 for inputs in samples):
-            raise ArtifactFormatError("MsnhNet networks take one input, got "
-                                      f"{max(len(inputs) for inputs in samples)}")
-        model = runtime.load(Path(out_dir) / GRAPH_FILE, Path(out_dir) / WEIGHTS_FILE)
-        return [[run_files(Path(out_dir), record.info, inputs[0], model)] for inputs in samples]
-
-    def first_divergence(self, out_dir: Path, record: FormatRecord, model: nn.Module,
-                         inputs: Sequence[np.ndarray], tolerance: float) -> str | None:
-        """The first graph node whose MsnhNet layer output departs from PyTorch's value.
-
-        PyTorch's values come from the graph that was lowered when it is still in memory,
-        otherwise from re-capturing ``model``; a model whose graph differs from the lowered
-        one (say, before fusion) cannot be mapped to layers, and ``None`` is returned.
-        """
-        node_layers: dict[str, int] = record.info.get("node_layers", {})
-        if not node_layers or len(inputs) != 1:
-            return None
-        net = runtime.load(Path(out_dir) / GRAPH_FILE, Path(out_dir) / WEIGHTS_FILE)
-        x = np.asarray(inputs[0], dtype=np.float32)[: net.batch]
-        xt = torch.from_numpy(x.copy())
-        graph = getattr(record, "_graph", None)
-        if graph is None:
-            with torch.no_grad():
-                graph = capture(copy.deepcopy(model).cpu().eval(), (xt,))
-            if [[n.name, n.op] for n in graph.nodes] != record.info.get("graph_ops"):
-                return None
-        try:
-            with torch.no_grad():
-                values = evaluate(graph, [xt])
-        except Exception:  # an op torch cannot replay from the normalized graph
-            return None
-        outs = net.run(x.reshape((net.batch,) + net.in_shape), keep_all=True)
-        for node in graph.nodes:
-            idx = node_layers.get(node.name)
-            ref = values.get(node.name)
-            if idx is None or not isinstance(ref, torch.Tensor) or net.layers[idx].opaque:
-                continue
-            got = outs[idx]
-            if got.size != ref.numel():
-                continue
-            ref_np = ref.detach().numpy().reshape(got.shape)
-            scale = max(float(np.abs(ref_np).max()), 1e-12)
-            if float(np.abs(got - ref_np).max()) / scale > tolerance:
-                return f"{node.name} ({node.op} at '{node.where}', layer {idx})"
-        return None
+        return FormatRecord(format=self.format, target=getattr(target, "name", str(target)),
+                            files=[GRAPH_FILE, WEIGHTS_FILE], info=info, graph=graph)
 
 
 register_exporter(MsnhNetExporter())
 
-__all__ = ["MsnhNetExporter", "lower", "offenders", "run_files", "write_files"]
+__all__ = ["GRAPH_FILE", "WEIGHTS_FILE", "MsnhNetExporter", "lower", "offenders",
+           "write_files"]

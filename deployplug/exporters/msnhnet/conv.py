@@ -92,7 +92,7 @@ def _lower_deconv(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     if dh != 1 or dw != 1:
         weight = dilate_kernel(weight.transpose(1, 0, 2, 3), dh, dw).transpose(1, 0, 2, 3)
     kh, kw = weight.shape[2:]
-    _, cout, oh, ow = node.shape  # type: ignore[misc]
+    _, cout, oh, ow = node.out_shape
     cropped = oph or opw
     src = source(node)
     if not em.layers and em.in_shape[1] != em.in_shape[2] and em.where[src] == -1:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from deployplug.capture import Graph, Node
+from deployplug.errors import OpAttributeError
 from deployplug.exporters.msnhnet.emit import Emitter
 from deployplug.exporters.msnhnet.rules import RULES, Lower, rule, source, value_shape
 from deployplug.profiles.msnhnet_checks import (
@@ -201,9 +202,17 @@ def _power(em: Emitter, src: str, n: int) -> None:
         em.emit("varop", [("layers", em.index(src)), ("type", "mul")])
 
 
+def _number(node: Node, value: float | None) -> float:
+    """A scalar operand the target's check accepted; ``None`` means the two disagree."""
+    if value is None:
+        raise OpAttributeError(f"{node.name} ({node.op} at '{node.where}'): the operand is not "
+                               "a scalar constant")
+    return value
+
+
 @rule("pow")
 def _lower_pow(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
-    e = float(scalar_of(graph, node.args["exponent"]))  # type: ignore[arg-type]
+    e = _number(node, scalar_of(graph, node.args["exponent"]))
     src = source(node)
     if e == 1.0:
         return src
@@ -267,10 +276,13 @@ def _lower_binary(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
         return None
     src = (a if act_a else b).name
     if scalar_of(graph, b if act_a else a) is None:
-        _per_channel(em, node, src, channel_const(graph, b if act_a else a,  # type: ignore
-                                                  value_shape(graph, src)), act_a, alpha)
+        vector = channel_const(graph, b if act_a else a, value_shape(graph, src))
+        if vector is None:  # the target's check admits only scalars and per-channel constants
+            raise OpAttributeError(f"{node.name} ({node.op} at '{node.where}'): the constant "
+                                   "operand is neither a scalar nor per-channel")
+        _per_channel(em, node, src, vector, act_a, alpha)
         return None
-    c = float(scalar_of(graph, b if act_a else a))  # type: ignore[arg-type]
+    c = _number(node, scalar_of(graph, b if act_a else a))
     if op == "add":
         if act_b and alpha != 1:  # const + alpha * x
             em.unary(src, "mulConst", alpha)

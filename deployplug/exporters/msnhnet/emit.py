@@ -141,7 +141,7 @@ class Emitter:
         size = shape[axis]
         keep = list(range(start, stop, step))
         shape[axis] = len(keep)
-        out = tuple(shape)
+        out = (shape[0], shape[1], shape[2])
         if len(range(start, size, step)) == len(keep):  # no tail to drop: a plain slice
             self.use(value)
             fields = []
@@ -150,18 +150,19 @@ class Emitter:
             if step != 1:
                 fields.append((f"step{axis}", step))
             self.emit("slice", fields or [("start0", 0)])
-            return out  # type: ignore[return-value]
+            return out
         if axis == 0:
             self.select_channels(value, keep)
-            return out  # type: ignore[return-value]
+            return out
         swap = (1, 0, 2) if axis == 1 else (2, 1, 0)
-        swapped = tuple(self.shapes[value][d] for d in swap)
-        self.permute(value, swap)  # type: ignore[arg-type]
-        tmp = self.temp(swapped)  # type: ignore[arg-type]
+        now = self.shapes[value]
+        swapped = (now[swap[0]], now[swap[1]], now[swap[2]])
+        self.permute(value, swap)
+        tmp = self.temp(swapped)
         self.select_channels(tmp, keep)
-        sel = self.temp((len(keep),) + swapped[1:])  # type: ignore[arg-type]
-        self.permute(sel, swap)  # type: ignore[arg-type]
-        return out  # type: ignore[return-value]
+        sel = self.temp((len(keep), swapped[1], swapped[2]))
+        self.permute(sel, swap)
+        return out
 
 
 def dilate_kernel(weight: np.ndarray, dh: int, dw: int) -> np.ndarray:

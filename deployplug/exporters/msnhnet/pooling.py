@@ -30,7 +30,7 @@ def _lower_maxpool(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     k, s, p = pool_params(node)
     src = source(node)
     c, h, w = em.shapes[src]
-    _, _, oh, ow = node.shape  # type: ignore[misc]
+    _, _, oh, ow = node.out_shape
     extra_h = max(0, (oh - 1) * s[0] + k[0] - (h + 2 * p[0]))
     extra_w = max(0, (ow - 1) * s[1] + k[1] - (w + 2 * p[1]))
     em.use(src)

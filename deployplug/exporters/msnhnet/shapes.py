@@ -8,9 +8,12 @@ same elements PyTorch does.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 
 from deployplug.capture import Graph, Node
+from deployplug.errors import OpAttributeError
 from deployplug.exporters.msnhnet.emit import Emitter, canonical
 from deployplug.exporters.msnhnet.rules import CONST_OPS, rule, source, value_shape
 from deployplug.ops.attrs import in_shape, norm_dim, pad_spec, slice_spec
@@ -22,12 +25,25 @@ from deployplug.profiles.msnhnet_checks import (
     split_bounds,
 )
 
+_T = TypeVar("_T")
+
+
+def _accepted(node: Node, found: _T | str) -> _T:
+    """What the target's check computed for ``node``; the reason it gave, as an error.
+
+    The check accepted the node before lowering, so a reason here means the two disagree: it
+    is reported, never iterated or unpacked as if it were the value.
+    """
+    if isinstance(found, str):
+        raise OpAttributeError(f"{node.name} ({node.op} at '{node.where}'): {found}")
+    return found
+
 
 # -- shape ops ------------------------------------------------------------------------
 @rule("view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze")
 def _lower_reshape(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     src = source(node)
-    target = canonical(node.shape)  # type: ignore[arg-type]
+    target = canonical(node.out_shape)
     if em.shapes[src] == target:
         return src
     em.view(src, target)
@@ -36,17 +52,17 @@ def _lower_reshape(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
 
 @rule("permute", "transpose")
 def _lower_permute(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
-    perm = permutation(node, graph)
+    perm = _accepted(node, permutation(node, graph))
     src = source(node)
     if perm == (0, 1, 2):
         return src
-    em.permute(src, perm)  # type: ignore[arg-type]
+    em.permute(src, perm)
     return None
 
 
 @rule("cat", "concat")
 def _lower_cat(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
-    rank = len(node.shape)  # type: ignore[arg-type]
+    rank = len(node.out_shape)
     axis = norm_dim(int(node.args.get("dim", 0)), rank) - 1
     names = [t.name for t in node.args["tensors"]]
     if len(names) == 1:
@@ -58,7 +74,7 @@ def _lower_cat(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
     swap = (1, 0, 2) if axis == 1 else (2, 1, 0)
     idx = []
     for name in names:
-        em.permute(name, swap)  # type: ignore[arg-type]
+        em.permute(name, swap)
         idx.append(em.last)
     em.emit("route", [("layers", ",".join(map(str, idx)))])
     em.emit("permute", [("dim0", swap[0]), ("dim1", swap[1]), ("dim2", swap[2])])
@@ -149,7 +165,7 @@ def _lower_softmax(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
 
 @rule("mean", "sum")
 def _lower_reduce(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
-    dims = msnh_reduce_dims(node, graph)
+    dims = _accepted(node, msnh_reduce_dims(node, graph))
     src = source(node)
     shape = list(em.shapes[src])
     rank = len(in_shape(node, graph))
@@ -158,12 +174,12 @@ def _lower_reduce(em: Emitter, node: Node, graph: Graph) -> str | bool | None:
         em.emit("globalavgpool")
         shape[1] = shape[2] = 1
     else:
-        for d in dims:  # type: ignore[union-attr]
+        for d in dims:
             em.emit("reduction", [("type", node.op), ("axis", d - 1)])
             shape[d - 1] = 1
-    target = canonical(node.shape)  # type: ignore[arg-type]
+    target = canonical(node.out_shape)
     if tuple(shape) != target:
-        tmp = em.temp(tuple(shape))  # type: ignore[arg-type]
+        tmp = em.temp((shape[0], shape[1], shape[2]))
         em.view(tmp, target)
     return None
 

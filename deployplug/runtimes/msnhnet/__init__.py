@@ -50,12 +50,12 @@ def build(text: str, source: str = "<msnhnet>") -> MsnhNetModel:
     if not raw_layers:
         raise ArtifactFormatError(f"{source}: the network has no layers")
     try:
-        builder = Builder(shape, batch)  # type: ignore[arg-type]
+        builder = Builder(shape, batch)
     except ArtifactFormatError as exc:
         raise ArtifactFormatError(f"{source}: {exc}") from None
     for raw in raw_layers:
         builder.build(raw)
-    return MsnhNetModel(batch, shape, builder.layers)  # type: ignore[arg-type]
+    return MsnhNetModel(batch, shape, builder.layers)
 
 
 def read_graph_text(path: Path) -> str:

@@ -9,6 +9,7 @@ anything runs. One method per layer keyword, so each keyword's rules read in one
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -387,8 +388,8 @@ class Builder:
 
     def _upsample(self, f: Fields, layer: Layer, where: str) -> None:
         c, h, w = layer.in_shape
-        st = {"type": "nearest", "stride": 1, "strideX": -1, "strideY": -1, "scale": 1.0,
-              "scaleX": -1.0, "scaleY": -1.0, "alignCorners": 0}
+        st: dict[str, Any] = {"type": "nearest", "stride": 1, "strideX": -1, "strideY": -1,
+                              "scale": 1.0, "scaleX": -1.0, "scaleY": -1.0, "alignCorners": 0}
         for key, value in f.raw.items:  # the parser's fallback runs after every key
             if key not in st:
                 raise err(where, f"'{key}' is not supported in [upsample]")
@@ -424,7 +425,8 @@ class Builder:
         layer.out_shape = out
 
     def _dims(self, f: Fields, default: tuple[int, int, int]) -> tuple[int, int, int]:
-        return tuple(f.int(f"dim{i}", default[i]) for i in range(3))  # type: ignore[return-value]
+        d0, d1, d2 = (f.int(f"dim{i}", default[i]) for i in range(3))
+        return d0, d1, d2
 
     def _view(self, f: Fields, layer: Layer, where: str) -> None:
         d0, d1, d2 = self._dims(f, (-1, -1, -1))
@@ -439,7 +441,8 @@ class Builder:
         if sorted(dims) != [0, 1, 2]:
             raise err(where, f"permute dims {dims} are not a permutation of 0,1,2")
         layer.params["dims"] = dims
-        layer.out_shape = tuple(layer.in_shape[d] for d in dims)  # type: ignore[assignment]
+        shape = layer.in_shape
+        layer.out_shape = (shape[dims[0]], shape[dims[1]], shape[dims[2]])
 
     def _reduction(self, f: Fields, layer: Layer, where: str) -> None:
         kind, axis = f.str("type", "sum"), f.int("axis", -1)
@@ -450,7 +453,7 @@ class Builder:
         layer.params.update(type=kind, axis=axis)
         out = list(layer.in_shape)
         out[axis] = 1
-        layer.out_shape = tuple(out)  # type: ignore[assignment]
+        layer.out_shape = (out[0], out[1], out[2])
 
     def _slice(self, f: Fields, layer: Layer, where: str) -> None:
         starts = [f.int(f"start{i}", 0) for i in range(3)]
@@ -461,7 +464,7 @@ class Builder:
         if min(out) < 1:
             raise err(where, f"slice leaves an empty output from {layer.in_shape}")
         layer.params.update(starts=starts, steps=steps)
-        layer.out_shape = out  # type: ignore[assignment]
+        layer.out_shape = (out[0], out[1], out[2])
 
     def _clip(self, f: Fields, layer: Layer, where: str) -> None:
         lo, hi = f.float("min", -ops.FLT_MAX), f.float("max", ops.FLT_MAX)

@@ -24,7 +24,7 @@ def conv2d(x: np.ndarray, w: np.ndarray, k: tuple[int, int], s: tuple[int, int],
     o = w.shape[0]
     oh, ow = conv_out(h, k[0], s[0], p[0], d[0]), conv_out(wd, k[1], s[1], p[1], d[1])
     xp = np.pad(x, ((0, 0), (p[0], p[0]), (p[1], p[1])))
-    cols = np.empty((c, k[0], k[1], oh, ow), dtype=F32)
+    cols: np.ndarray = np.empty((c, k[0], k[1], oh, ow), dtype=F32)
     for a in range(k[0]):
         for b in range(k[1]):
             r0, c0 = a * d[0], b * d[1]
