@@ -7,6 +7,8 @@ VENV="${VENV:-.venv}"
 "$VENV/bin/ruff" check deployplug tests scripts
 # the import contract in pyproject.toml ([tool.importlinter]): imports run one way
 "$VENV/bin/lint-imports"
+# static types ([tool.mypy] in pyproject.toml)
+"$VENV/bin/mypy"
 set +e
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider --timeout=900 "$@"
 status=$?

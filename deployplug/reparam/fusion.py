@@ -129,7 +129,8 @@ def identity_kernel(channels: int, groups: int, size: Sequence[int], *,
     kernel = torch.zeros(channels, per_group, *size, dtype=dtype, device=device)
     idx = torch.arange(channels, device=device)
     centre = tuple(s // 2 for s in size)
-    kernel[(idx, idx % per_group, *centre)] = 1
+    index: tuple[torch.Tensor | int, ...] = (idx, idx % per_group, *centre)
+    kernel[index] = 1
     return kernel
 
 

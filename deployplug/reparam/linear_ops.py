@@ -25,7 +25,7 @@ import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -233,13 +233,16 @@ _NOT_CONSTANT = object()
 def _fold_constant(node: fx.Node, constants: dict[fx.Node, Any]) -> Any:
     if _impure(node.target):
         return _NOT_CONSTANT
+    target = node.target
     args = fx.node.map_arg(node.args, lambda n: constants[n])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: constants[n])
     try:
         with torch.no_grad():
             if node.op == "call_method":
-                return getattr(args[0], node.target)(*args[1:], **kwargs)
-            return node.target(*args, **kwargs)
+                assert isinstance(target, str), "fx names a called method by its name"
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            assert callable(target), "fx holds a called function as the function itself"
+            return target(*args, **kwargs)
     except Exception:  # noqa: BLE001 - a constant that cannot be evaluated is no constant
         return _NOT_CONSTANT
 
@@ -285,7 +288,7 @@ def _linear(node: fx.Node, root: nn.Module,
         return _affine(node, x, -1.0, None)
     if key in PASS_THROUGH:
         if len(node.args) == 1 and not node.kwargs:
-            return LinearOp(node, "identity", (node.args[0],))
+            return LinearOp(node, "identity", (_traced(node.args[0]),))
         return None
     if method:
         return None
@@ -293,7 +296,7 @@ def _linear(node: fx.Node, root: nn.Module,
         bound = _bind(node, ("input", "p", "training", "inplace"),
                       {"p": 0.5, "training": True, "inplace": False})
         if bound["training"] is False:
-            return LinearOp(node, "identity", (bound["input"],))
+            return LinearOp(node, "identity", (_traced(bound["input"]),))
         return "dropout in training mode"
     if target in CONV_FUNCS:
         return _functional_conv(node, constants, CONV_FUNCS[target])
@@ -308,15 +311,26 @@ def _linear(node: fx.Node, root: nn.Module,
     return None
 
 
+def _traced(arg: Any) -> fx.Node:
+    """``arg`` as the data input of an op. fx only ever passes a traced value (a Node) there;
+    anything else is no data input, and the ``TypeError`` makes :func:`classify` leave the
+    node unclassified instead of recording an op that reads a literal."""
+    if not isinstance(arg, fx.Node):
+        raise TypeError(f"expected a traced value as data input, got {type(arg).__name__}")
+    return arg
+
+
 def _affine(node: fx.Node, x: Any, scale: Any, shift: Any) -> LinearOp | None:
     if not isinstance(x, fx.Node):
         return None
     hints = [channel_dim_hint(v) for v in (scale, shift) if v is not None]
-    if any(h is None for h in hints):
+    known = [h for h in hints if h is not None]
+    if len(known) != len(hints):
         return None  # varies over a spatial or batch dim: not translation-equivariant
     op = LinearOp(node, "affine", (x,), {"scale": scale, "shift": shift})
-    for dims, channels in hints:  # type: ignore[misc]
+    for dims, channels in known:
         if dims is not None:
+            assert channels is not None, "a channel dim is only found together with its size"
             op.dims = dims
             op.channels = {"in": channels, "out": channels}
     ranks = [v.dim() for v in (scale, shift) if isinstance(v, torch.Tensor)]
@@ -333,8 +347,8 @@ def _add_sub(node: fx.Node, constants: dict[fx.Node, Any], subtract: bool) -> Li
     a, b = node.args
     sign = -1.0 if subtract else 1.0
     data = _data((a, b), constants)
-    if len(data) == 2:
-        return LinearOp(node, "add", (a, b), {"coefficients": (1.0, sign * alpha)})
+    if len(data) == 2:  # both are data inputs, in order
+        return LinearOp(node, "add", (data[0], data[1]), {"coefficients": (1.0, sign * alpha)})
     if len(data) != 1:
         return None
     if data[0] is a:
@@ -358,9 +372,11 @@ def _mul(node: fx.Node, constants: dict[fx.Node, Any]) -> LinearOp | None:
 
 
 def _module_op(node: fx.Node, module: nn.Module) -> LinearOp | str | None:
-    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+    if len(node.args) != 1 or node.kwargs:
         return None
-    (x,) = node.args
+    x = node.args[0]
+    if not isinstance(x, fx.Node):
+        return None
     path = str(node.target)
     if isinstance(module, _ConvNd):
         if module.transposed:
@@ -391,11 +407,14 @@ def _module_op(node: fx.Node, module: nn.Module) -> LinearOp | str | None:
         if _plain(module, base):
             dims = int(base.__name__[-2])
             value = float(getattr(module, "value", 0.0))
-            return _pad(node, x, tuple(module.padding), "constant" if mode == "zeros" else mode,
+            # a cast: nn.Module.__getattr__ is typed Tensor | Module; the pad classes hold ints
+            padding = cast("tuple[int, ...]", module.padding)
+            return _pad(node, x, tuple(padding), "constant" if mode == "zeros" else mode,
                         value, path, dims)
     pool = next((b for b in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
                  if _plain(module, b)), None)
     if pool is not None:
+        assert isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)), "_plain checked"
         dims = _DIMS_OF[pool]
         return _pool(node, x, dims, module.kernel_size, module.stride, module.padding,
                      module.ceil_mode, module.count_include_pad,
@@ -485,7 +504,8 @@ def _functional_bn(node: fx.Node, constants: dict[fx.Node, Any]) -> LinearOp | s
 
 
 def _functional_pool(node: fx.Node, dims: int) -> LinearOp | str | None:
-    names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+    names: tuple[str, ...] = ("input", "kernel_size", "stride", "padding", "ceil_mode",
+                              "count_include_pad")
     if dims > 1:
         names += ("divisor_override",)
     bound = _bind(node, names, {"stride": None, "padding": 0, "ceil_mode": False,

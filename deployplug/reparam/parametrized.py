@@ -22,6 +22,8 @@ given back the class it had before parametrization and a parameter of its own in
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -34,15 +36,23 @@ _LEGACY_HOOKS = {WeightNorm: remove_weight_norm, SpectralNorm: remove_spectral_n
 _BAKEABLE_NAMES = ("weight", "bias")
 
 
-def _legacy_hooks(module: nn.Module) -> list[object]:
-    return [h for h in module._forward_pre_hooks.values() if type(h) in _LEGACY_HOOKS]
+def _legacy_hooks(module: nn.Module) -> list[WeightNorm | SpectralNorm]:
+    hooks = module._forward_pre_hooks.values()
+    return [h for h in hooks
+            if isinstance(h, (WeightNorm, SpectralNorm)) and type(h) in _LEGACY_HOOKS]
+
+
+def _parametrizations(module: nn.Module) -> nn.ModuleDict:
+    """The ``parametrizations`` container of a parametrized module; a cast because
+    ``nn.Module.__getattr__`` is typed as returning ``Tensor | Module``."""
+    return cast(nn.ModuleDict, module.parametrizations)
 
 
 def baked_names(module: nn.Module) -> set[str]:
     """Tensor names of ``module`` that :func:`bake` turns into plain parameters."""
-    names = {h.name for h in _legacy_hooks(module)}  # type: ignore[attr-defined]
+    names = {h.name for h in _legacy_hooks(module)}
     if parametrize.is_parametrized(module):
-        names.update(module.parametrizations.keys())
+        names.update(_parametrizations(module).keys())
     return names
 
 
@@ -58,7 +68,7 @@ def bake_blocker(module: nn.Module) -> str | None:
     if module._forward_pre_hooks_with_kwargs:
         return "has forward pre-hooks"
     for hook in legacy:
-        name = hook.name  # type: ignore[attr-defined]
+        name = hook.name
         if name not in _BAKEABLE_NAMES:
             return f"a legacy {type(hook).__name__} hook parametrizes {name!r}"
         if isinstance(hook, SpectralNorm) and module.training:
@@ -67,10 +77,10 @@ def bake_blocker(module: nn.Module) -> str | None:
         return None
     if legacy:
         return "it mixes legacy norm hooks with torch.nn.utils.parametrize"
-    for name, plist in module.parametrizations.items():
+    for name, plist in _parametrizations(module).items():
         if name not in _BAKEABLE_NAMES:
             return f"a parametrization rewrites {name!r}"
-        for p in plist:
+        for p in cast(parametrize.ParametrizationList, plist):
             if type(p) not in _KNOWN_PARAMETRIZATIONS:
                 return (f"parametrization {type(p).__name__} on {name!r} is not known to give a "
                         "fixed weight in eval mode")
@@ -85,10 +95,10 @@ def bake(module: nn.Module) -> None:
     holds the value its eval-mode forward uses. In place; only call on a module you own and
     only after :func:`bake_blocker` returned ``None``."""
     for hook in _legacy_hooks(module):
-        _LEGACY_HOOKS[type(hook)](module, hook.name)  # type: ignore[attr-defined]
+        _LEGACY_HOOKS[type(hook)](module, hook.name)
     if not parametrize.is_parametrized(module):
         return
-    plists = module.parametrizations
+    plists = _parametrizations(module)
     values: dict[str, nn.Parameter] = {}
     for name, plist in plists.items():
         originals = [*plist.parameters(recurse=False), *plist.buffers(recurse=False)]

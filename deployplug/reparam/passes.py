@@ -118,7 +118,7 @@ def reparameterize(model: nn.Module, inplace: bool = False, example_input: Input
     if report is not None:
         report.folded += [(conv_path, bn_path) for conv_path, bn_path, _ in folds]
         report.counts_after = count_ops(target)
-    if reference is not None and changes:
+    if inputs is not None and reference is not None and changes:
         check(target, inputs, reference, changes, tolerance)
     return target
 
@@ -160,9 +160,9 @@ class _Borrowed:
             for name, t in list(module._parameters.items()):
                 if t is not None and id(t) in self.tensors:
                     module._parameters[name] = nn.Parameter(t.detach().clone(), t.requires_grad)
-            for name, t in list(module._buffers.items()):
-                if t is not None and id(t) in self.tensors:
-                    module._buffers[name] = t.clone()
+            for name, b in list(module._buffers.items()):
+                if b is not None and id(b) in self.tensors:
+                    module._buffers[name] = b.clone()
 
     def restore_modes(self) -> None:
         """Borrowed modules are the original's: give them back the training flags they had
@@ -319,8 +319,8 @@ def _find_pairs(module: nn.Module, prefix: str) -> Iterator[tuple[str, str]]:
         graph = None
     join = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
     if graph is not None:
-        for conv, bn in _pairs_from_graph(graph):
-            yield join(conv), join(bn)
+        for conv_path, bn_path in _pairs_from_graph(graph):
+            yield join(conv_path), join(bn_path)
         return
     children = [(name, child) for name, child in module._modules.items() if child is not None]
     if runs_children_in_order(module):
@@ -392,7 +392,9 @@ def _require_stats(bn: _BatchNorm, bn_path: str) -> None:
 
 @torch.no_grad()
 def _fold_into(conv: _ConvNd, bn: _BatchNorm) -> None:
-    kernel, bias = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+    mean, var = bn.running_mean, bn.running_var
+    assert mean is not None and var is not None, "_require_stats vetted this BatchNorm"
+    kernel, bias = fold_bn(conv.weight, conv.bias, mean, var, bn.eps,
                            bn.weight, bn.bias, groups=conv.groups,
                            transposed=isinstance(conv, _ConvTransposeNd))
     requires_grad = conv.weight.requires_grad

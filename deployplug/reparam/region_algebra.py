@@ -111,10 +111,10 @@ def _source_channels(region: Region, ops: list[LinearOp]) -> int:
     for key, value in known:
         if merged.setdefault(find(key), value) != value:
             raise Refused(f"channel counts disagree ({merged[find(key)]} vs {value})")
-    value = merged.get(find(region.source))
-    if value is None:
+    channels = merged.get(find(region.source))
+    if channels is None:
         raise Refused("the number of input channels cannot be told from its ops")
-    return value
+    return channels
 
 
 def _apply(op: LinearOp, x: AffineForm, forms: dict[fx.Node, AffineForm], dims: int,

@@ -84,9 +84,12 @@ def _run_node(node: fx.Node, values: dict[fx.Node, Any], classified: Classified,
         tensors = {name: f64(t) for name, t in (*module.named_parameters(),
                                                 *module.named_buffers())}
         return torch.func.functional_call(module, tensors, tuple(args), kwargs)
+    target = node.target
     if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
+        assert isinstance(target, str), "fx names a called method by its name"
+        return getattr(args[0], target)(*args[1:], **kwargs)
+    assert callable(target), "fx holds a called function as the function itself"
+    return target(*args, **kwargs)
 
 
 def _conv_forward(spec: ConvSpec, x: torch.Tensor) -> torch.Tensor:

@@ -106,8 +106,8 @@ class ReparamReport:
                 f"{_ops_text(r.ops)} -> {c['class']}({c['in_channels']}, "
                 f"{c['out_channels']}, k={tuple(c['kernel_size'])}, s={tuple(c['stride'])}, "
                 f"p={tuple(c['padding'])}, d={tuple(c['dilation'])}, g={c['groups']})")
-        for r in self.left_alone:
-            lines.append(f"  left alone {r.owner or '<model>'} ({_ops_text(r.ops)}): {r.reason}")
+        for s in self.left_alone:
+            lines.append(f"  left alone {s.owner or '<model>'} ({_ops_text(s.ops)}): {s.reason}")
         return "\n".join(lines)
 
 
@@ -133,7 +133,7 @@ def count_ops(model: nn.Module) -> dict[str, int | None]:
         return {"conv": sum(isinstance(m, _ConvNd) for m in mods),
                 "batch_norm": sum(isinstance(m, _BatchNorm) for m in mods), "add": None}
     live: set[fx.Node] = set()
-    counts = dict.fromkeys(COUNTED, 0)
+    counts: dict[str, int] = dict.fromkeys(COUNTED, 0)
     for node in graph.nodes:
         if node.op == "placeholder" or any(r in live for r in node.all_input_nodes):
             live.add(node)
@@ -150,4 +150,4 @@ def count_ops(model: nn.Module) -> dict[str, int | None]:
         if (node.op in ("call_function", "call_method") and node.target in _SUMS
                 and sum(isinstance(a, fx.Node) and a in live for a in node.args[:2]) == 2):
             counts["add"] += 1
-    return counts
+    return dict(counts)  # a copy typed by the return annotation: every count is known here

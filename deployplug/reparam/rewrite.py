@@ -9,26 +9,30 @@ computing that graph: the conv itself, an ``nn.Sequential`` of same-named childr
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from deployplug.reparam.affine_form import ConvSpec
 from deployplug.reparam.linear_ops import Classified, fetch_attr
 from deployplug.reparam.linear_regions import Region
 
-_CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+# Callable rather than the classes: their stubs want rank-sized tuples (``tuple[int, int]``),
+# while a spec holds ``tuple[int, ...]`` whose length is that rank by construction.
+_CONV_CLASSES: dict[int, Callable[..., _ConvNd]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def reference_tensor(module: nn.Module) -> torch.Tensor | None:
     for t in module.parameters():
         if t.is_floating_point():
             return t
-    for t in module.buffers():
-        if t.is_floating_point():
-            return t
+    for b in module.buffers():
+        if b.is_floating_point():
+            return b
     return None
 
 

@@ -94,7 +94,7 @@ def _snapshot(value: Any) -> Leaves:
 
 
 def tensor_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    """``max|a - r| / max|r|`` like :func:`deployplug.testing.normalized_error`; ``inf`` for a
+    """``max|a - r| / max|r|`` like :func:`deployplug.numerics.normalized_error`; ``inf`` for a
     shape change or for NaN/inf where the reference has none (or the reverse).
 
     Computed in at least float32 (a difference of two float32 values is exact to one rounding,
