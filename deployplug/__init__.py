@@ -12,6 +12,7 @@ Public API (stable names)::
     dp.export(model, x, "out/", formats=("onnx", "caffe"))
     dp.verify("out/")
     dp.DeployCallback(...)                    # Lightning callback
+    dp.int8_report(model, calibration)        # which fused layers int8 hurts, and why
 
 Attributes are imported on first use so that ``import deployplug`` stays cheap for the
 command line and does not pull in Lightning for users of the plain API.
@@ -40,6 +41,8 @@ _LAZY = {
     "VerifyReport": ("deployplug.verification", "VerifyReport"),
     "Manifest": ("deployplug.manifest", "Manifest"),
     "DeployCallback": ("deployplug.callback", "DeployCallback"),
+    "int8_report": ("deployplug.int8", "int8_report"),
+    "Int8Options": ("deployplug.quant.options", "Int8Options"),
     "DeployError": ("deployplug.errors", "DeployError"),
     "UnsupportedOpError": ("deployplug.errors", "UnsupportedOpError"),
     "VerificationError": ("deployplug.errors", "VerificationError"),

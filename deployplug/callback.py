@@ -63,6 +63,7 @@ from deployplug.export_folders import (
     require_writable_folder,
 )
 from deployplug.export_subject import ExportSubject, lightning_copy, resolve_subject
+from deployplug.int8_data import train_loader
 from deployplug.logger_artifacts import ArtifactLogging, LogMode
 from deployplug.parity import onnx_parity
 from deployplug.rank_sync import ExportSync
@@ -133,6 +134,11 @@ class DeployCallback(Callback):
         log_artifacts: upload export folders to the loggers that store artifacts (MLflow,
             W&B; TensorBoard gets the summary as text), like their ``log_model``: ``False``
             never, ``True`` at the end of training, ``"all"`` as soon as each export lands.
+        int8: settings of the ``onnx_int8`` format (put it in ``formats``): the fields of
+            :class:`deployplug.Int8Options` except the data, e.g. ``{"weights":
+            "per_tensor", "repair": "auto", "max_drop": 0.01, "calibration_samples": 256}``.
+            Training batches calibrate, validation batches (with their labels) judge; the
+            verdict is logged as ``<prefix>/onnx_int8/val_acc``, ``.../val_agreement``.
     """
 
     def __init__(self, formats: str | Sequence[str] = ("onnx",), target: str | None = None,
@@ -148,7 +154,8 @@ class DeployCallback(Callback):
                  trust_checkpoint: bool = False,
                  export_timeout: float = DEFAULT_EXPORT_TIMEOUT_S,
                  validation_samples: int = 2, parity_batches: int | None = None,
-                 log_artifacts: bool | Literal["all"] = False):
+                 log_artifacts: bool | Literal["all"] = False,
+                 int8: dict[str, Any] | None = None):
         super().__init__()
         self.formats = (formats,) if isinstance(formats, str) else tuple(formats)
         if not self.formats:
@@ -175,6 +182,7 @@ class DeployCallback(Callback):
             raise ConfigError(f"validation_samples must be >= 0, got {validation_samples}")
         if parity_batches is not None and parity_batches < 1:
             raise ConfigError(f"parity_batches must be None (all) or >= 1, got {parity_batches}")
+        self.int8 = _int8_settings(int8, self.formats)
         self.target = target
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         self.dirpath = dirpath
@@ -208,6 +216,7 @@ class DeployCallback(Callback):
         self._shapes: list[tuple[int, ...]] | None = None
         self._final_pending = False
         self._final_loader: Any = None
+        self._train_loader: Any = None
         self._accept_loaded_state = True
 
     @property
@@ -283,8 +292,11 @@ class DeployCallback(Callback):
         # before or after this one, is then already done. The validation loader is taken now,
         # before the datamodule's own teardown may release its data.
         self._final_pending = True
-        if trainer.is_global_zero and (self.validation_parity or self.validation_samples):
+        if trainer.is_global_zero and (self.validation_parity or self.validation_samples
+                                       or INT8_FORMAT in self.formats):
             self._final_loader = validation_loader(trainer)
+        if trainer.is_global_zero and INT8_FORMAT in self.formats:
+            self._train_loader = train_loader(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._accept_loaded_state = True  # a test/validate restore that had no state for us
@@ -432,7 +444,9 @@ class DeployCallback(Callback):
         subject = self._subject(lit, [example, *real])
         manifest = self._export(trainer, subject, FINAL_TAG, example, real,
                                 {"epoch": trainer.current_epoch,
-                                 "global_step": trainer.global_step})
+                                 "global_step": trainer.global_step},
+                                int8_data=self._int8_data(self._train_loader,
+                                                          self._final_loader))
         if self.validation_parity:
             self._parity(trainer, subject, manifest)
 
@@ -464,7 +478,10 @@ class DeployCallback(Callback):
             real = validation_samples(validation_loader(trainer), self._shapes,
                                       self.validation_samples)
             subject = self._subject(lit, [example, *real])
-            self._export(trainer, subject, tag, example, real, info.metadata(), source=best)
+            data = self._int8_data(train_loader(trainer), validation_loader(trainer)) \
+                if INT8_FORMAT in self.formats else None
+            self._export(trainer, subject, tag, example, real, info.metadata(), source=best,
+                         int8_data=data)
 
         self._collective(trainer, work)
 
@@ -512,7 +529,7 @@ class DeployCallback(Callback):
 
     def _export(self, trainer: pl.Trainer, subject: ExportSubject, tag: str, example: Example,
                 real: Sequence[Example], metadata: dict[str, Any],
-                source: str | None = None) -> Any:
+                source: str | None = None, int8_data: Any = None) -> Any:
         assert self._root is not None, "on_fit_start resolves the output folder"
         out_dir = self._root / tag
         extra = {"tag": tag, "source_checkpoint": source, **metadata}
@@ -524,7 +541,8 @@ class DeployCallback(Callback):
             "exported_module": subject.name, "metrics": {}}
         prefix = self.metric_prefix if tag == FINAL_TAG else f"{self.metric_prefix}/best"
         try:
-            manifest = export_subject(subject, example, real, out_dir, self._settings(), extra)
+            manifest = export_subject(subject, example, real, out_dir, self._settings(), extra,
+                                      int8_data)
         except DeployError as exc:
             self._record_failure(trainer, tag, record, exc, prefix)
             raise
@@ -538,6 +556,15 @@ class DeployCallback(Callback):
         if manifest.passed:
             self._artifacts.landed(trainer, tag, manifest, best=tag != FINAL_TAG)
         return manifest
+
+    def _int8_data(self, train: Any, val: Any) -> Any:
+        """The run's calibration and evaluation batches, when ``onnx_int8`` is exported."""
+        if INT8_FORMAT not in self.formats:
+            return None
+        from deployplug.int8_data import gather
+
+        assert self._shapes is not None
+        return gather(train, val, self._shapes, self.int8)
 
     def _record_failure(self, trainer: pl.Trainer, tag: str, record: dict[str, Any],
                         exc: DeployError, prefix: str) -> None:
@@ -588,6 +615,29 @@ class DeployCallback(Callback):
 
 
 # --------------------------------------------------------------------------- helpers
+
+INT8_FORMAT = "onnx_int8"
+
+
+def _int8_settings(int8: dict[str, Any] | None, formats: Sequence[str]) -> dict[str, Any] | None:
+    """The ``int8`` mapping, checked now (a typo fails at construction, not after training).
+
+    Its batches come from the run (training batches calibrate, validation batches judge),
+    so the data fields of ``Int8Options`` are refused here.
+    """
+    if int8 is None:
+        return None
+    if INT8_FORMAT not in formats:
+        raise ConfigError(f"int8= configures the '{INT8_FORMAT}' format; add it to formats")
+    from deployplug.quant.options import Int8Options
+
+    given = dict(int8)
+    data = sorted({"eval_inputs", "eval_labels"} & set(given))
+    if data:
+        raise ConfigError(f"DeployCallback(int8=...) takes no {data}: the callback judges int8 "
+                          "on the validation dataloader and calibrates on training batches")
+    Int8Options.coerce(given)
+    return given
 
 def _describe(error: BaseException) -> str:
     """One paragraph for the warning (or the other ranks' exception) about a failure."""

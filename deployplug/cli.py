@@ -158,7 +158,30 @@ def _export_parser() -> _Parser:
     parser.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
                         help="read the checkpoint with full unpickling; this runs any code the "
                              "file contains, so only for files you trust")
+    parser.add_argument("--int8-weights", dest="int8_weights",
+                        choices=("per_channel", "per_tensor"),
+                        help="onnx_int8: weight granularity the target takes")
+    parser.add_argument("--int8-repair", dest="int8_repair",
+                        choices=("none", "equalize", "keep_float", "equalize+keep_float", "auto"),
+                        help="onnx_int8: repair to apply (auto: the cheapest that meets the "
+                             "drop limit)")
+    parser.add_argument("--int8-max-drop", dest="int8_max_drop", type=float,
+                        help="onnx_int8: largest accepted accuracy drop, as a fraction "
+                             "(default 0.01)")
     return parser
+
+
+def _int8_overrides(settings: Any, opts: argparse.Namespace) -> None:
+    """Fold the --int8-* flags into the config's int8 settings (flags win)."""
+    from deployplug.errors import ConfigError
+
+    flags = {"weights": opts.int8_weights, "repair": opts.int8_repair,
+             "max_drop": opts.int8_max_drop}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given and "onnx_int8" not in settings.formats:
+        raise ConfigError("--int8-* flags configure the onnx_int8 format: add it to --formats")
+    if given:
+        settings.int8 = {**(settings.int8 or {}), **given}
 
 
 def _export(argv: Sequence[str]) -> int:
@@ -205,6 +228,7 @@ def _run_export(opts: argparse.Namespace) -> tuple[Any, Any]:
     module, callback, datamodule = load_config(opts.config) if opts.config else (
         None, None, None)
     settings = _settings(callback, opts)
+    _int8_overrides(settings, opts)
     out_dir = Path(opts.out) if opts.out else _default_out(ckpt, callback)
     check_output_dir(out_dir)  # before the checkpoint is read or anything is exported
     check_output_dir(failed_path(out_dir))
@@ -214,7 +238,7 @@ def _run_export(opts: argparse.Namespace) -> tuple[Any, Any]:
         try:
             datamodule = datamodule_from_checkpoint(state, ckpt)
         except CheckpointLoadError as exc:
-            if settings.validation_parity:
+            if settings.validation_parity or "onnx_int8" in settings.formats:
                 raise
             print(f"note: verifying without validation inputs: {one_line(exc)}",
                   file=sys.stderr)
@@ -235,11 +259,30 @@ def _run_export(opts: argparse.Namespace) -> tuple[Any, Any]:
             raise ConfigError("--parity measures the LightningModule's predictions; the "
                               "exported submodule (--accept-submodule-mismatch) computes "
                               "something else")
-    manifest = export_subject(subject, example, real, out_dir, settings, info.metadata())
+    int8_data = None
+    if "onnx_int8" in settings.formats:
+        int8_data = _int8_data(datamodule, loader, shapes, settings)
+    manifest = export_subject(subject, example, real, out_dir, settings, info.metadata(),
+                              int8_data)
     print(manifest)
     if settings.validation_parity:
         print(_parity(manifest, subject.reference, loader, settings.parity_batches))
     return manifest, settings
+
+
+def _int8_data(datamodule: Any, val_loader: Any, shapes: Any, settings: Any) -> Any:
+    """Training batches to calibrate on and validation batches to judge on, from the data."""
+    from deployplug.errors import ConfigError
+    from deployplug.int8_data import gather
+
+    if datamodule is None:
+        raise ConfigError("--formats onnx_int8 needs training data to calibrate on: give the "
+                          "fit config whose data section makes it (--config)")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    if val_loader is None:
+        val_loader = datamodule.val_dataloader()
+    return gather(datamodule.train_dataloader(), val_loader, shapes, settings.int8)
 
 
 def _parity(manifest: Any, reference: Any, loader: Any, batches: int | None) -> Any:

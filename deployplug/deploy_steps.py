@@ -38,6 +38,8 @@ class DeploySettings:
     accept_submodule_mismatch: bool = False
     reparameterize: bool = True
     validation_samples: int = 2
+    #: ``Int8Options`` fields for the ``onnx_int8`` format (its batches come from the run)
+    int8: dict[str, Any] | None = None
 
     @classmethod
     def from_object(cls, source: Any, overrides: Mapping[str, Any] | None = None
@@ -84,17 +86,25 @@ def preflight_reports(network: nn.Module, example: Example, formats: Sequence[st
 
 
 def export_subject(subject: ExportSubject, example: Example, real: Sequence[Example],
-                   out_dir: Path, settings: DeploySettings, metadata: dict[str, Any]) -> Any:
+                   out_dir: Path, settings: DeploySettings, metadata: dict[str, Any],
+                   int8_data: Any = None) -> Any:
     """Export and verify ``subject`` with ``settings`` into ``out_dir``; the Manifest.
+
+    ``int8_data`` (:class:`deployplug.int8_data.Int8Data`) holds the run's calibration and
+    evaluation batches when ``onnx_int8`` is among the formats.
 
     Raises like :func:`deployplug.pipeline.export` with ``strict=True``: the error carries
     what landed (``manifest``) and where the failed files are (``failed_dir``).
     """
     from deployplug import pipeline
 
+    int8: dict[str, Any] = {}
+    if int8_data is not None:
+        int8 = {"calibration": int8_data.calibration,
+                "int8": int8_data.options(settings.int8)}
     return pipeline.export(
         subject.model, example, out_dir, formats=settings.formats, target=settings.target,
         reparameterize=settings.reparameterize, verify=settings.verify,
         tolerance=settings.tolerance, onnx_options=settings.onnx_options(),
         extra_inputs=list(real), strict=True, metadata={**metadata, **subject.metadata()},
-        reference_model=subject.reference)
+        reference_model=subject.reference, **int8)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from deployplug.errors import ArtifactFormatError
-from deployplug.verify_report import VerifyReport
+from deployplug.verify_report import VerifyReport, describe_judgement
 
 MANIFEST_FILE = "manifest.json"
 _TRACKED_PACKAGES = ("deployplug", "torch", "pytorch-lightning", "onnx", "onnxruntime",
@@ -88,6 +88,12 @@ class Manifest:
                 continue
             out[f"{prefix}/{fmt}/max_error"] = self.verification.max_error(fmt)
             out[f"{prefix}/{fmt}/passed"] = float(self.verification.format_passed(fmt))
+            judged = self.verification.judgements.get(fmt)
+            if judged is not None:  # int8: decisions on the evaluation batches
+                for key, name in (("agreement", "val_agreement"), ("int8_accuracy", "val_acc"),
+                                  ("fp32_accuracy", "fp32_val_acc"), ("drop", "drop")):
+                    if isinstance(judged.get(key), (int, float)):
+                        out[f"{prefix}/{fmt}/{name}"] = float(judged[key])
         counts = (self.extra.get("reparameterize") or {}).get("op_counts") or {}
         for phase, ops in counts.items():  # conv / batch_norm / add before and after fusion
             for op, n in (ops or {}).items():
@@ -125,6 +131,9 @@ class Manifest:
             err = "" if self.verification is None else f"{self.verification.max_error(fmt):.3e}"
             lines.append(f"{fmt:<10}{rec['target']:<10}{ok:<10}{err:>12}  "
                          + ", ".join(rec["files"]))
+        if self.verification is not None:
+            for fmt, judged in self.verification.judgements.items():
+                lines.append(f"{fmt}: {describe_judgement(judged)}")
         stages = ", ".join(k for k, v in self.stages.items() if v) or "none"
         lines.append(f"stages: {stages}; tolerance {self.tolerance:g}; "
                      f"result: {'PASSED' if self.passed else 'FAILED'}")

@@ -238,6 +238,8 @@ def export(
     strict: bool = True,
     metadata: dict[str, Any] | None = None,
     reference_model: nn.Module | None = None,
+    calibration: Any = None,
+    int8: Any = None,
 ) -> Manifest:
     """Export ``model`` to every format in ``formats``, verify the files, land what passed.
 
@@ -254,6 +256,12 @@ def export(
     and ``failed_dir``. With ``strict=False`` the manifest of what landed is returned (or,
     when nothing passed, the failed directory's manifest; when no file was written at all,
     the error is raised) and ``manifest.failed_formats`` says what failed.
+
+    The ``onnx_int8`` format quantizes the fused model with ``calibration`` (a tensor or an
+    iterable of input batches) and is judged statistically, not by ``tolerance``: top-1
+    agreement with the trained forward and, with labels, the accuracy drop, on the
+    evaluation batches of ``int8`` (:class:`deployplug.quant.options.Int8Options`, or a
+    mapping of its fields: weights, repair, max_drop, eval_inputs, eval_labels ...).
     """
     names = normalize_formats(formats)
     out_dir = check_output_dir(out_dir)
@@ -269,6 +277,7 @@ def export(
         _check_reference(exported_out, reference_out, tolerance)
     samples = verification_samples(inputs, extra_inputs)
     references = [reference_out] + [torch_outputs(reference, s) for s in samples[1:]]
+    int8_job = _int8_job(model, names, calibration, int8, inputs, reference)
 
     deploy_model = original
     metadata = dict(metadata or {})
@@ -292,12 +301,16 @@ def export(
         cache = CaptureCache(inputs)
         outcomes = [write_format(fmt, resolve_target(fmt, target), deploy_model, inputs,
                                  writer.staging, decompose, spec.names, not spec.flat, in_names,
-                                 onnx_options, cache)
+                                 onnx_options, cache, int8_job)
                     for fmt in names]
         report = VerifyReport(tolerance=tolerance) if verify else None
         for outcome in outcomes:
             if report is not None and outcome.record is not None:
-                _verify_one(outcome, writer.staging, samples, references, tolerance, report)
+                if int8_job is not None and outcome.fmt == int8_job_format():
+                    _judge_int8(outcome, writer.staging, int8_job, report)
+                else:
+                    _verify_one(outcome, writer.staging, samples, references, tolerance,
+                                report)
         landed = [o for o in outcomes if not o.failure]
         failed = [o for o in outcomes if o.failure]
         context = _ManifestContext(inputs, in_names, spec.names, references[0], reparameterize,
@@ -334,7 +347,7 @@ def write_format(fmt: str, profile: TargetProfile, deploy_model: nn.Module,
                inputs: tuple[torch.Tensor, ...], staging: Path, decompose: bool,
                output_names: Sequence[str], keyed: bool, in_names: Sequence[str],
                onnx_options: dict[str, Any] | None,
-               cache: CaptureCache | None = None) -> _Outcome:
+               cache: CaptureCache | None = None, int8_job: Any = None) -> _Outcome:
     """Decompose for the format's target and write its files into their own sub-directory.
 
     ONNX inputs and outputs always carry the model's names; Caffe output blobs are renamed
@@ -358,6 +371,13 @@ def write_format(fmt: str, profile: TargetProfile, deploy_model: nn.Module,
                        "input_names": list(in_names)}
         elif fmt == "caffe" and keyed:
             options["output_names"] = list(output_names)
+        elif getattr(get_exporter(fmt), "statistical", False):
+            if int8_job is None:
+                raise ExportFailedError(fmt, "an int8 format needs calibration batches: "
+                                        "pass calibration= to export")
+            from deployplug.runtimes import get_runner
+
+            options = int8_job.writer_options(get_runner(fmt), in_names, output_names)
         try:
             record = get_exporter(fmt).write(legal, inputs, directory, profile, **options)
         except DeployError:
@@ -371,6 +391,61 @@ def write_format(fmt: str, profile: TargetProfile, deploy_model: nn.Module,
         outcome.failure = f"{type(exc).__name__}: {exc}"
         outcome.error = exc
     return outcome
+
+
+def int8_job_format() -> str:
+    from deployplug.quant.job import FORMAT
+
+    return FORMAT
+
+
+def _int8_job(model: nn.Module, names: list[str], calibration: Any, int8: Any,
+              inputs: tuple[torch.Tensor, ...], reference: nn.Module) -> Any:
+    """The checked int8 inputs when ``onnx_int8`` is asked for (else ``None``).
+
+    Taken before fusion: the evaluation references are the trained forward's outputs, and the
+    training form is kept (one more CPU copy) to trace outliers back to their branches.
+    """
+    from deployplug.quant.options import Int8Options
+
+    if int8_job_format() not in names:
+        if calibration is not None or int8 is not None:
+            raise ValueError("calibration= and int8= configure the 'onnx_int8' format, which "
+                             f"is not among the formats {names}")
+        return None
+    from deployplug.quant.job import prepare
+
+    return prepare(calibration, Int8Options.coerce(int8), inputs,
+                   lambda batch: torch_outputs(reference, [t.numpy() for t in batch]),
+                   deploy_copy(model))
+
+
+def _judge_int8(outcome: _Outcome, staging: Path, job: Any, report: VerifyReport) -> None:
+    """Judge the int8 file on the evaluation batches and store them for re-verification."""
+    from deployplug.int8_verify import judge_files, write_eval_file
+
+    assert outcome.record is not None
+    directory = staging / f".{outcome.fmt}"
+    record = outcome.record
+    record.info["judged_on"] = job.judged_on
+    try:
+        stored = write_eval_file(directory, job.evaluation, job.references, job.labels,
+                                 job.options.stored_samples)
+        record.info.update(stored)
+        if stored["eval_file"]:
+            record.files.append(stored["eval_file"])
+            outcome.files.append(stored["eval_file"])
+        verdict = judge_files(directory, record, job.evaluation.numpy(), job.references,
+                              job.labels, job.options.max_drop)
+    except Exception as exc:  # a file that cannot be run is a failed check
+        report.failures[outcome.fmt] = f"{type(exc).__name__}: {exc}"
+        outcome.failure = f"verification failed: {report.failures[outcome.fmt]}"
+        outcome.verify_failed = True
+        return
+    report.judgements[outcome.fmt] = {**verdict.to_dict(), "source": "export"}
+    if not verdict.passed:
+        outcome.failure = f"verification failed: {verdict}"
+        outcome.verify_failed = True
 
 
 def _verify_one(outcome: _Outcome, staging: Path, samples: list[list[np.ndarray]],
@@ -439,6 +514,7 @@ def _sub_report(report: VerifyReport | None, formats: set[str]) -> VerifyReport 
         comparisons=[c for c in report.comparisons if c.format in formats],
         failures={f: w for f, w in report.failures.items() if f in formats},
         divergence={f: w for f, w in report.divergence.items() if f in formats},
+        judgements={f: j for f, j in report.judgements.items() if f in formats},
     )
 
 

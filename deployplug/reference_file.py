@@ -168,6 +168,24 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, spec: Mapping[str, 
     return np.ascontiguousarray(array), nbytes
 
 
+def write_reference(path: Path, samples: Sequence[Sequence[np.ndarray]],
+                    outputs: Sequence[Sequence[np.ndarray]]) -> None:
+    """Store input samples and PyTorch's outputs as ``s{k}_in{i}`` / ``s{k}_out{j}`` arrays.
+
+    Only plain numeric arrays are written, since only those are read back (pickled objects
+    are refused by :func:`read_reference`).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for k, (ins, outs) in enumerate(zip(samples, outputs, strict=True)):
+        arrays.update({f"s{k}_in{i}": np.asarray(a) for i, a in enumerate(ins)})
+        arrays.update({f"s{k}_out{j}": np.asarray(a) for j, a in enumerate(outs)})
+    for key, array in arrays.items():
+        if array.dtype.kind not in _KINDS or array.dtype.fields is not None:
+            raise ValueError(f"reference array {key} has dtype {array.dtype}; only numeric "
+                             "tensors can be stored")
+    np.savez(path, allow_pickle=False, **arrays)
+
+
 def read_reference(path: Path, inputs: Sequence[Mapping[str, Any]] | None = None,
                    outputs: Sequence[Mapping[str, Any]] | None = None,
                    limits: Limits | None = None
@@ -243,4 +261,4 @@ def _read_archive(zf: zipfile.ZipFile, inputs: Sequence[Mapping[str, Any]] | Non
     return samples, references
 
 
-__all__ = ["MAX_DEFLATE_RATIO", "MAX_MEMBERS", "read_reference"]
+__all__ = ["MAX_DEFLATE_RATIO", "MAX_MEMBERS", "read_reference", "write_reference"]

@@ -21,6 +21,7 @@ from torch import nn
 from deployplug.errors import ArtifactFormatError, IntegrityError, VerificationError
 from deployplug.exporters.base import FormatRecord
 from deployplug.numerics import normalized_error
+from deployplug.reference_file import write_reference as save_reference  # noqa: F401 (API)
 from deployplug.runtimes import get_runner
 from deployplug.verify_report import DEFAULT_TOLERANCE, Comparison, VerifyReport
 
@@ -31,24 +32,6 @@ REFERENCE_FILE = "reference.npz"
 
 
 # ----------------------------------------------------------------------------- reference file
-def save_reference(path: Path, samples: Sequence[Sequence[np.ndarray]],
-                   outputs: Sequence[Sequence[np.ndarray]]) -> None:
-    """Store input samples and PyTorch's outputs as ``s{k}_in{i}`` / ``s{k}_out{j}`` arrays.
-
-    Only plain numeric arrays are written, since only those are read back
-    (:mod:`deployplug.reference_file` refuses pickled objects).
-    """
-    arrays: dict[str, np.ndarray] = {}
-    for k, (ins, outs) in enumerate(zip(samples, outputs, strict=True)):
-        arrays.update({f"s{k}_in{i}": np.asarray(a) for i, a in enumerate(ins)})
-        arrays.update({f"s{k}_out{j}": np.asarray(a) for j, a in enumerate(outs)})
-    for key, array in arrays.items():
-        if array.dtype.kind not in "biuf" or array.dtype.fields is not None:
-            raise ValueError(f"reference array {key} has dtype {array.dtype}; only numeric "
-                             "tensors can be stored")
-    np.savez(path, allow_pickle=False, **arrays)
-
-
 def load_reference(path: Path, inputs: Sequence[dict[str, Any]] | None = None,
                    outputs: Sequence[dict[str, Any]] | None = None
                    ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
@@ -131,6 +114,7 @@ def verify(
     tolerance: float | None = None,
     raise_on_failure: bool = False,
     max_bytes: int | None = None,
+    int8_max_drop: float | None = None,
 ) -> VerifyReport:
     """Re-check an artifact directory: integrity first, then numbers.
 
@@ -145,6 +129,10 @@ def verify(
     manifest is only reported, since a file must not decide how strictly it is checked.
     ``max_bytes`` caps the tensor bytes the readers may allocate (default 2 GiB, or
     ``DEPLOYPLUG_MAX_TENSOR_BYTES``; see :mod:`deployplug.limits`). With ``raise_on_failure``
+    Int8 formats are judged by their decisions on the evaluation batches stored at export
+    (``int8_eval.npz``): top-1 agreement and accuracy drop within ``int8_max_drop`` (default
+    one point; the caller's, like ``tolerance``), see :mod:`deployplug.int8_verify`. With
+    ``raise_on_failure``
     an integrity failure raises :class:`IntegrityError` and a numeric one
     :class:`VerificationError`. Damaged or hostile files raise :class:`ArtifactFormatError`
     (or are recorded as a format that failed to run), never an untyped exception.
@@ -176,7 +164,8 @@ def verify(
                 raise error
             return report
         with vouching(entry["name"] for entry in manifest.files):
-            _compare_all(out_dir, manifest, records, model, inputs, tol, report)
+            _compare_all(out_dir, manifest, records, model, inputs, tol, report,
+                         int8_max_drop)
     if raise_on_failure and not report.passed:
         raise VerificationError(report)
     return report
@@ -194,20 +183,35 @@ def _caller_tolerance(tolerance: float | None) -> float:
 
 def _compare_all(out_dir: Path, manifest: Manifest, records: list[FormatRecord],
                  model: nn.Module | None, inputs: Any, tol: float,
-                 report: VerifyReport) -> None:
+                 report: VerifyReport, int8_max_drop: float | None = None) -> None:
     """The numeric part of :func:`verify`, run only on a directory that passed integrity."""
+    from deployplug.int8_verify import judge_directory
+
     samples, references = load_reference(out_dir / REFERENCE_FILE, manifest.inputs,
                                          manifest.outputs)
+    if model is not None:
+        model = _cpu_eval_copy(model)
+    statistical = [r for r in records if is_statistical(r.format)]
+    for record in statistical:
+        judge_directory(out_dir, record, manifest.inputs, manifest.outputs, model,
+                        int8_max_drop, report)
+    records = [r for r in records if r not in statistical]
     for record in records:
         compare_format(out_dir, record, samples, references, tol, "recorded", report)
     if model is not None:
-        model = _cpu_eval_copy(model)
         fresh = [list(s) for s in samples] + [_as_sample(inputs, samples[0])]
         expected = [torch_outputs(model, s) for s in fresh]
         for record in records:
             compare_format(out_dir, record, fresh, expected, tol, "model", report)
             if not report.format_passed(record.format):
                 locate_divergence(out_dir, record, model, fresh[0], tol, report)
+
+
+def is_statistical(fmt: str) -> bool:
+    """Whether ``fmt`` is judged by decisions on real inputs (int8), not by a tolerance."""
+    from deployplug.exporters import get_exporter
+
+    return bool(getattr(get_exporter(fmt), "statistical", False))
 
 
 def _as_sample(inputs: Any, like: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -40,24 +40,37 @@ class VerifyReport:
     integrity: list[str] = field(default_factory=list)
     #: the tolerance the manifest recorded at export time (reported, never applied)
     recorded_tolerance: float | None = None
+    #: format -> statistical verdict (an int8 file is judged by its decisions on real inputs,
+    #: not by a normalized tolerance); keys as in ``Int8Judgement.to_dict``, ``passed`` decides
+    judgements: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return not self.integrity and not self.failures and bool(self.comparisons) and all(
-            c.passed for c in self.comparisons
-        )
+        checked = bool(self.comparisons) or bool(self.judgements)
+        return (not self.integrity and not self.failures and checked
+                and all(c.passed for c in self.comparisons)
+                and all(bool(j.get("passed")) for j in self.judgements.values()))
 
     def formats(self) -> list[str]:
-        seen = [c.format for c in self.comparisons] + list(self.failures)
+        seen = [c.format for c in self.comparisons] + list(self.judgements) + list(self.failures)
         return list(dict.fromkeys(seen))
 
     def format_passed(self, fmt: str) -> bool:
+        if fmt in self.failures:
+            return False
         rows = [c for c in self.comparisons if c.format == fmt]
-        return fmt not in self.failures and bool(rows) and all(c.passed for c in rows)
+        judged = self.judgements.get(fmt)
+        if judged is not None:
+            return bool(judged.get("passed")) and all(c.passed for c in rows)
+        return bool(rows) and all(c.passed for c in rows)
 
     def max_error(self, fmt: str) -> float:
         """Worst normalized error of one format (``inf`` when it could not run)."""
         rows = [c.normalized for c in self.comparisons if c.format == fmt]
+        judged = self.judgements.get(fmt)
+        if judged is not None:
+            value = judged.get("max_error")
+            rows.append(float("inf") if value is None else float(value))
         return max(rows) if rows and fmt not in self.failures else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,6 +85,8 @@ class VerifyReport:
             "failures": dict(self.failures),
             "divergence": dict(self.divergence),
             "integrity": list(self.integrity),
+            **({"judgements": {f: dict(j) for f, j in self.judgements.items()}}
+               if self.judgements else {}),
             **({} if self.recorded_tolerance is None
                else {"recorded_tolerance": self.recorded_tolerance}),
         }
@@ -86,6 +101,11 @@ class VerifyReport:
                                                         for c in comparisons):
             raise TypeError("'comparisons' must be a list of objects")
         recorded = data.get("recorded_tolerance")
+        judgements = data.get("judgements", {})
+        if not isinstance(judgements, dict) or not all(
+                isinstance(j, dict) and isinstance(j.get("passed"), bool)
+                for j in judgements.values()):
+            raise TypeError("'judgements' must map formats to verdict objects with 'passed'")
         return cls(
             tolerance=float(data["tolerance"]),
             comparisons=[Comparison(**c) for c in comparisons],
@@ -93,6 +113,7 @@ class VerifyReport:
             divergence={str(k): str(v) for k, v in dict(data.get("divergence", {})).items()},
             integrity=[str(x) for x in list(data.get("integrity", []))],
             recorded_tolerance=None if recorded is None else float(recorded),
+            judgements={str(f): dict(j) for f, j in judgements.items()},
         )
 
     def __str__(self) -> str:
@@ -111,12 +132,29 @@ class VerifyReport:
                 f"{c.format:<10}{c.source:<10}{c.sample:>7}{c.output:>7}  {str(c.shape):<20}"
                 f"{c.max_abs:>12.3e}{c.normalized:>13.3e}  {'ok' if c.passed else 'MISMATCH'}"
             )
+        for fmt, judged in self.judgements.items():
+            lines.append(f"{fmt:<10}{describe_judgement(judged)}")
         for fmt, why in self.failures.items():
             lines.append(f"{fmt:<10}FAILED to run: {why}")
         for fmt, where in self.divergence.items():
             lines.append(f"{fmt:<10}first diverging layer: {where}")
         lines.append("result: " + ("PASSED" if self.passed else "FAILED"))
         return "\n".join(lines)
+
+
+def describe_judgement(judged: dict[str, Any]) -> str:
+    """One line for a statistical verdict: agreement, accuracies, drop against its limit."""
+    def pct(key: str) -> str:
+        value = judged.get(key)
+        return "?" if not isinstance(value, (int, float)) else f"{100 * value:.2f} %"
+
+    text = f"top-1 agreement {pct('agreement')} over {judged.get('samples', '?')} samples"
+    if judged.get("int8_accuracy") is not None:
+        text += f", accuracy {pct('fp32_accuracy')} -> {pct('int8_accuracy')}"
+    text += (f"; {judged.get('decided_by', 'decision')} drop {pct('drop')} (limit "
+             f"{pct('max_drop')}): {'ok' if judged.get('passed') else 'FAILED'}")
+    reason = judged.get("reason")
+    return text + (f" ({reason})" if reason else "")
 
 
 def _json_float(x: float) -> float | None:

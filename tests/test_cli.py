@@ -342,3 +342,22 @@ def test_a_fit_the_callback_refuses_ends_in_one_error_line(tmp_path, capsys):
     assert len(errors) == 1 and errors[0].startswith("error: OutputDirectoryError")
     assert "a_file" in errors[0]
     assert not (tmp_path / "logs" / "version_0" / "checkpoints").exists()
+
+
+def test_export_int8_calibrates_on_the_configs_data_and_judges_with_labels(fitted, tmp_path):
+    """``--formats onnx_int8`` takes training batches from the config's datamodule to
+    calibrate and its validation batches (with labels) to judge; ``--int8-*`` flags apply."""
+    from deployplug.manifest import load_manifest
+
+    config, ckpt = fitted
+    out = tmp_path / "int8"
+    assert main(["export", "--checkpoint", str(ckpt), "--config", str(config), "--out", str(out),
+                 "--formats", "onnx", "onnx_int8", "--int8-weights", "per_tensor",
+                 "--int8-max-drop", "0.5"]) == 0
+    manifest = load_manifest(out)
+    info = manifest.formats["onnx_int8"]["info"]
+    assert info["weights"] == "per_tensor" and info["judged_on"] == "eval_inputs"
+    verdict = manifest.verification.judgements["onnx_int8"]
+    assert verdict["max_drop"] == 0.5 and verdict["decided_by"] == "accuracy"
+    assert main(["export", "--checkpoint", str(ckpt), "--config", str(config),
+                 "--out", str(tmp_path / "x"), "--int8-repair", "auto"]) == 2

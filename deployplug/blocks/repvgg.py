@@ -9,6 +9,15 @@ kernel's centre reads. That holds for any stride, dilation and padding mode as l
 exact everywhere, borders included. Unlike the original block this one honours ``dilation``
 and ``padding_mode`` in the training branches and keeps them on the fused conv, accepts any
 ``_BatchNorm`` (``SyncBatchNorm`` included) and keeps the weights' dtype.
+
+``quant_friendly=True`` builds the QARepVGG form instead: ``relu(BN(BN(conv_kxk(x)) +
+conv_1x1(x) + x))``. In the plain block every branch has its own BatchNorm, so the fused
+kernel's centre tap of channel c carries ``gamma_c / sigma_c`` of the identity BN and of the
+1x1 BN on top of the k x k weights; nothing bounds those ratios, and a few large ones make a
+fused kernel whose range per-tensor int8 cannot cover without crushing every other weight.
+With no BN on the 1x1 and identity branches and one BN after the sum, all branches of a channel
+share a single scale, so the fused kernel is the summed raw weights times one factor per output
+channel. It fuses into one conv exactly like the plain block.
 """
 
 from __future__ import annotations
@@ -37,6 +46,14 @@ def _conv_bn(in_channels: int, out_channels: int, kernel_size: tuple[int, int],
     return nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(out_channels)))
 
 
+def _conv_only(in_channels: int, out_channels: int, stride: tuple[int, int],
+               padding: tuple[int, int], groups: int, padding_mode: str) -> nn.Sequential:
+    """A bias-free 1x1 conv under the same ``conv`` name as the conv->BN branches."""
+    conv = nn.Conv2d(in_channels, out_channels, 1, stride, padding, 1, groups, bias=False,
+                     padding_mode=cast(PaddingMode, padding_mode))
+    return nn.Sequential(OrderedDict(conv=conv))
+
+
 def _folded(branch: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel, bias) of a conv->BN branch, differentiable."""
     conv, bn = cast(nn.Conv2d, branch.conv), cast(_BatchNorm, branch.bn)
@@ -59,6 +76,8 @@ class RepVGGBlock(nn.Module):
 
     ``padding=None`` means 'same' alignment: ``dilation * (kernel_size // 2)``. An explicit
     padding must be at least that, so the 1x1 branch can be aligned by padding the rest.
+    ``quant_friendly=True`` drops the BatchNorms of the 1x1 and identity branches and adds one
+    BatchNorm ``post_bn`` after the sum (QARepVGG; see the module docstring).
     Call :meth:`reparameterize` to collapse the block into a single biased conv ``reparam``.
     """
 
@@ -68,13 +87,17 @@ class RepVGGBlock(nn.Module):
 
     conv_kxk: nn.Sequential
     conv_1x1: nn.Sequential
-    identity: nn.BatchNorm2d | None
+    #: a BatchNorm in the plain block, ``nn.Identity`` in the quant-friendly one
+    identity: nn.Module | None
+    #: the BatchNorm after the branch sum (quant-friendly block only)
+    post_bn: nn.BatchNorm2d | None
     act: nn.Module
     reparam: nn.Conv2d
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 3,
                  stride: IntOrPair = 1, padding: IntOrPair | None = None,
-                 dilation: IntOrPair = 1, groups: int = 1, padding_mode: str = "zeros"):
+                 dilation: IntOrPair = 1, groups: int = 1, padding_mode: str = "zeros",
+                 quant_friendly: bool = False):
         super().__init__()
         k, s, d = _pair(kernel_size), _pair(stride), _pair(dilation)
         if any(v % 2 == 0 for v in k):
@@ -89,12 +112,19 @@ class RepVGGBlock(nn.Module):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.padding, self.dilation = k, s, p, d
         self.padding_mode = padding_mode
+        self.quant_friendly = quant_friendly
 
         self.conv_kxk = _conv_bn(in_channels, out_channels, k, s, p, d, groups, padding_mode)
-        self.conv_1x1 = _conv_bn(in_channels, out_channels, (1, 1), s, p1, (1, 1), groups,
-                                 padding_mode)
         has_identity = in_channels == out_channels and s == (1, 1) and p1 == (0, 0)
-        self.identity = nn.BatchNorm2d(in_channels) if has_identity else None
+        if quant_friendly:
+            self.conv_1x1 = _conv_only(in_channels, out_channels, s, p1, groups, padding_mode)
+            self.identity = nn.Identity() if has_identity else None
+            self.post_bn = nn.BatchNorm2d(out_channels)
+        else:
+            self.conv_1x1 = _conv_bn(in_channels, out_channels, (1, 1), s, p1, (1, 1), groups,
+                                     padding_mode)
+            self.identity = nn.BatchNorm2d(in_channels) if has_identity else None
+            self.post_bn = None
         self.act = nn.ReLU()
 
     @property
@@ -108,6 +138,8 @@ class RepVGGBlock(nn.Module):
         out = self.conv_kxk(x) + self.conv_1x1(x)
         if self.identity is not None:
             out = out + self.identity(x)
+        if self.post_bn is not None:
+            out = self.post_bn(out)
         return self.act(out)
 
     def get_equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,17 +151,31 @@ class RepVGGBlock(nn.Module):
             assert self.reparam.bias is not None  # the fused conv always carries a bias
             return self.reparam.weight, self.reparam.bias
         kernel, bias = _folded(self.conv_kxk, "conv_kxk")
+        if self.post_bn is not None:
+            return self._quant_friendly_kernel_bias(kernel, bias, self.post_bn)
         # Centre-tap branches are summed at 1x1 first and added onto the centre taps of the
         # freshly folded k x k kernel, so no other full-size kernel is ever materialised.
         centre = [_folded(self.conv_1x1, "conv_1x1")]
         if self.identity is not None:
-            bn = self.identity
+            bn = cast(_BatchNorm, self.identity)
             mean, var = _require_stats(bn, "identity")
             ident = identity_kernel(self.in_channels, self.groups, (1, 1),
                                     dtype=kernel.dtype, device=kernel.device)
             centre.append(fold_bn(ident, None, mean, var, bn.eps, bn.weight, bn.bias))
         k1, b1 = sum_branches(centre)
         return add_centred_(kernel, k1), bias + b1
+
+    def _quant_friendly_kernel_bias(self, kernel: torch.Tensor, bias: torch.Tensor,
+                                    post_bn: nn.BatchNorm2d
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw 1x1 and identity kernels on the centre taps, then the post-sum BN folded in."""
+        centre = cast(nn.Conv2d, self.conv_1x1.conv).weight.to(kernel.dtype)
+        if self.identity is not None:
+            centre = centre + identity_kernel(self.in_channels, self.groups, (1, 1),
+                                              dtype=kernel.dtype, device=kernel.device)
+        kernel = add_centred_(kernel, centre)
+        mean, var = _require_stats(post_bn, "post_bn")
+        return fold_bn(kernel, bias, mean, var, post_bn.eps, post_bn.weight, post_bn.bias)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -146,10 +192,11 @@ class RepVGGBlock(nn.Module):
         conv = copy.deepcopy(src, memo={id(src.weight): weight})
         conv.bias = nn.Parameter(bias.detach(), requires_grad=requires_grad)
         conv.train(self.training)
-        del self.conv_kxk, self.conv_1x1, self.identity
+        del self.conv_kxk, self.conv_1x1, self.identity, self.post_bn
         self.reparam = conv
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, padding_mode={self.padding_mode!r}")
+                f"groups={self.groups}, padding_mode={self.padding_mode!r}"
+                + (", quant_friendly=True" if self.quant_friendly else ""))

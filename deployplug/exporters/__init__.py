@@ -8,7 +8,8 @@ from deployplug.exporters.base import Exporter, FormatRecord
 
 _EXPORTERS: dict[str, Exporter] = {}
 _BUILTIN = {"onnx": "deployplug.exporters.onnx", "caffe": "deployplug.exporters.caffe",
-            "msnhnet": "deployplug.exporters.msnhnet"}
+            "msnhnet": "deployplug.exporters.msnhnet",
+            "onnx_int8": "deployplug.exporters.onnx_int8"}
 
 
 def register_exporter(exporter: Exporter) -> Exporter:

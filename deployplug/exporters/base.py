@@ -59,6 +59,8 @@ class Exporter(abc.ABC):
     default_target: ClassVar[str]
     #: targets whose legal models this format can lower
     accepted_targets: ClassVar[tuple[str, ...]]
+    #: judged by its decisions on real inputs (int8), not by a normalized tolerance
+    statistical: ClassVar[bool] = False
 
     @abc.abstractmethod
     def write(

@@ -2,6 +2,9 @@
 
 Each stage is a run of :class:`~deployplug.blocks.RepVGGBlock`, the first one strided, so the
 deploy form is a plain stack of 3x3 conv + ReLU followed by global pooling and a linear layer.
+Every builder takes ``quant_friendly=True`` for QARepVGG blocks (see
+:class:`~deployplug.blocks.RepVGGBlock`): the same deploy form, with fused kernels that survive
+per-tensor int8 quantization.
 """
 
 from __future__ import annotations
@@ -22,21 +25,24 @@ class RepVGG(nn.Module):
     """A stem block followed by stages of RepVGG blocks, global average pool, linear head.
 
     ``stages`` lists ``(width, depth, stride)``; the stride applies to each stage's first block.
-    ``group_map`` maps a block number (stem = 0) to its conv groups.
+    ``group_map`` maps a block number (stem = 0) to its conv groups; ``quant_friendly``
+    builds every block in its QARepVGG form.
     """
 
     def __init__(self, stem_width: int, stages: Sequence[tuple[int, int, int]],
                  num_classes: int = 1000, in_channels: int = 3, stem_stride: int = 2,
-                 group_map: dict[int, int] | None = None):
+                 group_map: dict[int, int] | None = None, quant_friendly: bool = False):
         super().__init__()
         group_map = group_map or {}
-        self.stage0 = RepVGGBlock(in_channels, stem_width, 3, stride=stem_stride)
+        self.stage0 = RepVGGBlock(in_channels, stem_width, 3, stride=stem_stride,
+                                  quant_friendly=quant_friendly)
         in_ch, index = stem_width, 1
         for i, (width, depth, stride) in enumerate(stages, start=1):
             blocks = []
             for j in range(depth):
                 blocks.append(RepVGGBlock(in_ch, width, 3, stride=stride if j == 0 else 1,
-                                          groups=group_map.get(index, 1)))
+                                          groups=group_map.get(index, 1),
+                                          quant_friendly=quant_friendly))
                 in_ch, index = width, index + 1
             setattr(self, f"stage{i}", nn.Sequential(*blocks))
         self.num_stages = len(stages)
@@ -51,11 +57,12 @@ class RepVGG(nn.Module):
 
 
 def _paper(depths: Sequence[int], a: float, b: float, groups: int, num_classes: int,
-           in_channels: int) -> nn.Module:
+           in_channels: int, quant_friendly: bool = False) -> nn.Module:
     widths = (int(64 * a), int(128 * a), int(256 * a), int(512 * b))
     stages = [(w, d, 2) for w, d in zip(widths, depths)]
     group_map = dict.fromkeys(GROUPED_BLOCKS, groups) if groups > 1 else None
-    model = RepVGG(min(64, int(64 * a)), stages, num_classes, in_channels, group_map=group_map)
+    model = RepVGG(min(64, int(64 * a)), stages, num_classes, in_channels, group_map=group_map,
+                   quant_friendly=quant_friendly)
     return with_input_shape(model, (1, in_channels, 224, 224))
 
 
@@ -80,8 +87,9 @@ _CONFIGS = {
 def _make_builder(name: str):
     depths, a, b, groups = _CONFIGS[name]
 
-    def builder(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
-        return _paper(depths, a, b, groups, num_classes, in_channels)
+    def builder(num_classes: int = 1000, in_channels: int = 3,
+                quant_friendly: bool = False) -> nn.Module:
+        return _paper(depths, a, b, groups, num_classes, in_channels, quant_friendly)
 
     builder.__name__ = name
     builder.__doc__ = (f"RepVGG-{name.split('_')[1].upper()}: stages {list(depths)}, "
@@ -95,12 +103,14 @@ for _name in _CONFIGS:
 
 
 @register("repvgg_tiny")
-def repvgg_tiny(num_classes: int = 1000, in_channels: int = 3, width: int = 8) -> nn.Module:
+def repvgg_tiny(num_classes: int = 1000, in_channels: int = 3, width: int = 8,
+                quant_friendly: bool = False) -> nn.Module:
     """Six-block RepVGG for 32x32 inputs (e.g. upsampled 8x8 digits).
 
     The stem keeps full resolution and three strided stages take 32 -> 16 -> 8 -> 4, so small
     images are not pooled away before the head sees them.
     """
     stages = [(2 * width, 2, 2), (4 * width, 2, 2), (4 * width, 1, 2)]
-    model = RepVGG(width, stages, num_classes, in_channels, stem_stride=1)
+    model = RepVGG(width, stages, num_classes, in_channels, stem_stride=1,
+                   quant_friendly=quant_friendly)
     return with_input_shape(model, (1, in_channels, 32, 32))
