@@ -604,6 +604,7 @@ class DeployCallback(Callback):
         metrics = result.metrics(self.metric_prefix)
         self._log(trainer, metrics)
         self.exports[FINAL_TAG]["metrics"].update(metrics)
+        parity.record_parity(manifest, result)
         rank_zero_info(f"DeployCallback {result}")
 
     @staticmethod

@@ -266,7 +266,11 @@ def _run_export(opts: argparse.Namespace) -> tuple[Any, Any]:
                               int8_data)
     print(manifest)
     if settings.validation_parity:
-        print(_parity(manifest, subject.reference, loader, settings.parity_batches))
+        from deployplug.parity import record_parity
+
+        result = _parity(manifest, subject.reference, loader, settings.parity_batches)
+        record_parity(manifest, result)
+        print(result)
     return manifest, settings
 
 
@@ -317,6 +321,11 @@ def _verify(argv: Sequence[str]) -> int:
     parser.add_argument("--max-bytes", dest="max_bytes", type=int,
                         help="tensor bytes the readers may allocate (default 2 GiB, or "
                              "$DEPLOYPLUG_MAX_TENSOR_BYTES)")
+    parser.add_argument("--layers", action="store_true",
+                        help="also print each format's per-layer error profile, as recorded "
+                             "at export on the example input (module path, op, artifact "
+                             "layer, shape, normalized error, the rule or lowering that made "
+                             "it, and the culprit of a failed format)")
     opts = parser.parse_args(argv)
 
     from deployplug.errors import IntegrityError
@@ -330,6 +339,13 @@ def _verify(argv: Sequence[str]) -> int:
     except Exception as exc:  # any file, however damaged, ends in one line and exit code 2
         return _error(exc)
     print(report)
+    if opts.layers and not report.integrity:
+        print()
+        print(report.format_layers())
+        if not report.passed and report.layers:
+            print("note: these profiles were recorded at export, when the files passed; to "
+                  "find the layer that fails now, verify with the model: "
+                  "dp.verify(DIR, model=...) compares every layer again")
     if report.passed:
         return EXIT_OK
     if report.integrity:
@@ -430,7 +446,7 @@ deployment:
   export     export a checkpoint as the config's DeployCallback would:
              deployplug export --checkpoint CKPT [--config CFG] [--parity]
   verify     re-check an artifact directory (integrity, then numbers):
-             deployplug verify DIR [--tolerance T] [--max-bytes N]
+             deployplug verify DIR [--tolerance T] [--max-bytes N] [--layers]
   check      pre-flight a config or zoo model: deployplug check --config CFG
 """
 

@@ -118,8 +118,11 @@ class Manifest:
         }
 
     def write(self) -> Path:
+        """Write ``manifest.json``, replacing any previous one whole (never half-written)."""
         path = self.dir / MANIFEST_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        temporary = path.with_name(f".{MANIFEST_FILE}.partial")
+        temporary.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        os.replace(temporary, path)
         return path
 
     def __str__(self) -> str:
@@ -134,6 +137,12 @@ class Manifest:
         if self.verification is not None:
             for fmt, judged in self.verification.judgements.items():
                 lines.append(f"{fmt}: {describe_judgement(judged)}")
+                info = (self.formats.get(fmt) or {}).get("info") or {}
+                if isinstance(info.get("repair"), str):
+                    lines.append(f"{fmt}: repair {info['repair']}, weights "
+                                 f"{info.get('weights')}")
+                if isinstance(info.get("readiness"), str):
+                    lines.append(f"{fmt}: {info['readiness']}")
         stages = ", ".join(k for k, v in self.stages.items() if v) or "none"
         lines.append(f"stages: {stages}; tolerance {self.tolerance:g}; "
                      f"result: {'PASSED' if self.passed else 'FAILED'}")

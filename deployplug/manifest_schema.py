@@ -136,6 +136,16 @@ def _file_entries(f: _Fields, value: Any) -> list[dict[str, Any]]:
     return entries
 
 
+def _layer_profiles(f: _Fields, value: Any) -> None:
+    """The per-layer profiles: typed and bounded (:mod:`deployplug.layer_profile`)."""
+    from deployplug.layer_profile import profiles_from_dict
+
+    try:
+        profiles_from_dict(value, "verification.layers")
+    except (TypeError, ValueError) as exc:
+        raise ArtifactFormatError(f"{f.source}: field {exc}") from None
+
+
 def validate(data: Any, source: str = "manifest.json") -> dict[str, Any]:
     """``data`` when it is a manifest of the documented shape; else a typed error."""
     f = _Fields(source)
@@ -153,7 +163,9 @@ def validate(data: Any, source: str = "manifest.json") -> dict[str, Any]:
         raise ArtifactFormatError(f"{source}: field 'tolerance' must be >= 0, got {tolerance}")
     _file_entries(f, data.get("files", []))
     if data.get("verification") is not None:
-        f.obj(data["verification"], "verification")
+        verification = f.obj(data["verification"], "verification")
+        if "layers" in verification:
+            _layer_profiles(f, verification["layers"])
     f.str_map(data.get("versions", {}), "versions", f.string)
     f.str_map(data.get("failed_formats", {}), "failed_formats", f.string)
     f.string(data.get("created", ""), "created")

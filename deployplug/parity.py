@@ -74,6 +74,16 @@ class ParityResult:
             out[f"{prefix}/torch/val_acc"] = float(self.reference_accuracy)
         return out
 
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Per format (and ``pytorch``): samples, agreement, accuracy, max error."""
+        out: dict[str, dict[str, Any]] = {
+            fmt: {"samples": r.samples, "agreement": r.agreement, "accuracy": r.accuracy,
+                  "max_error": float(r.max_error)}
+            for fmt, r in self.formats.items()}
+        if self.reference_accuracy is not None:
+            out["pytorch"] = {"samples": self.samples, "accuracy": self.reference_accuracy}
+        return out
+
     def __str__(self) -> str:
         lines = [f"validation parity over {self.samples} samples"]
         for fmt, r in self.formats.items():
@@ -85,6 +95,32 @@ class ParityResult:
             lines.append(f"  {'pytorch':<9} {'':19}  accuracy "
                          f"{100 * self.reference_accuracy:>7.2f} %")
         return "\n".join(lines)
+
+
+def record_parity(manifest: Any, result: ParityResult) -> None:
+    """Keep the numbers with the artifacts: ``extra.parity``, ``report.md`` and the manifest.
+
+    Parity runs after the export landed, so the directory's report and manifest are
+    rewritten in place (each replaced whole, the report first; the manifest, written last,
+    vouches for the new report). Nothing else in the directory changes.
+    """
+    from deployplug.manifest import describe_files
+    from deployplug.report_md import REPORT_FILE, render
+
+    manifest.extra["parity"] = result.to_dict()
+    directory = Path(manifest.dir)
+    _replace(directory / REPORT_FILE, render(manifest))
+    manifest.files = [f for f in manifest.files if f.get("name") != REPORT_FILE]
+    manifest.files += describe_files(directory, [REPORT_FILE])
+    manifest.write()
+
+
+def _replace(path: Path, text: str) -> None:
+    import os
+
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 @dataclass
@@ -220,6 +256,7 @@ def _measure(runs: list[_Format], reference: nn.Module, loader: Iterable[Any],
         raise ParityError("the validation dataloader is empty")
     for run in runs:
         run.result.batches = seen
+        run.result.samples = result.samples
         if run.agree is not None:
             run.result.agreement = float(run.agree.compute())
         if run.acc is not None and state["labelled"]:

@@ -17,7 +17,6 @@ promises:
 
 from __future__ import annotations
 
-import copy
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from deployplug.capture import CaptureCache, Graph
+from deployplug.capture import CaptureCache
+from deployplug.deploy_graph import deploy_copy, legal_model
 from deployplug.errors import (
     DeployError,
     ExportFailedError,
@@ -44,19 +44,20 @@ from deployplug.io_spec import (
     flatten_outputs,
     input_names,
     output_spec,
-    strip_compiled_children,
     unwrap_compiled,
 )
+from deployplug.layer_profile import LayerProfile
 from deployplug.manifest import Manifest, describe_files
 from deployplug.numerics import normalized_error
 from deployplug.outdir import ArtifactWriter, check_output_dir
 from deployplug.profiles import TargetProfile, get_target
+from deployplug.report_md import write_report
 from deployplug.verification import (
     DEFAULT_TOLERANCE,
     REFERENCE_FILE,
     VerifyReport,
     compare_format,
-    locate_divergence,
+    profile_format,
     save_reference,
     torch_outputs,
 )
@@ -65,19 +66,6 @@ Inputs = torch.Tensor | Sequence[torch.Tensor]
 FAILED_SUFFIX = ".failed"
 #: seeds of the random verification samples; distinct from any seed an example is drawn with
 _SAMPLE_SEEDS = (0x5EED1, 0x5EED2)
-
-
-def deploy_copy(model: nn.Module) -> nn.Module:
-    """A CPU, float32, eval-mode deep copy; the original keeps its device, dtype and mode.
-
-    ``torch.compile`` wrappers (the model itself or any child) are replaced by the modules they
-    wrap: the compiled function is the inner module's, and that is what can be captured.
-    """
-    from deployplug.reparam.passes import _detached_attributes
-
-    source = unwrap_compiled(model)
-    clone = strip_compiled_children(copy.deepcopy(source, _detached_attributes(source)))
-    return clone.cpu().float().eval()
 
 
 def normalize_formats(formats: str | Sequence[str]) -> list[str]:
@@ -168,23 +156,6 @@ def verification_samples(
             )
         samples.append([t.numpy() for t in batch])
     return samples
-
-
-def _legal_model(model: nn.Module, profile: TargetProfile, inputs: tuple[torch.Tensor, ...],
-                 decompose: bool, cache: CaptureCache
-                 ) -> tuple[nn.Module, list[dict[str, Any]], Graph | None]:
-    """The target-legal model, the rewrites that made it so, and its graph when captured."""
-    if not decompose or profile.accepts_everything:
-        return model, [], None
-    from deployplug.decompositions.apply import run_decompose
-    from deployplug.errors import UnsupportedOpError
-
-    result = run_decompose(model, profile, inputs, cache=cache)
-    if result.offenders:
-        raise UnsupportedOpError(result.offenders)
-    rewrites = [{"op": a.op, "module_path": a.module_path, "rule": a.rule}
-                for a in result.applied]
-    return result.module, rewrites, result.graph
 
 
 def _check_reference(exported: list[np.ndarray], reference: list[np.ndarray],
@@ -304,13 +275,14 @@ def export(
                                  onnx_options, cache, int8_job)
                     for fmt in names]
         report = VerifyReport(tolerance=tolerance) if verify else None
+        layer_refs: dict[int, Any] = {}  # PyTorch's per-node values, once per lowered graph
         for outcome in outcomes:
             if report is not None and outcome.record is not None:
                 if int8_job is not None and outcome.fmt == int8_job_format():
                     _judge_int8(outcome, writer.staging, int8_job, report)
                 else:
                     _verify_one(outcome, writer.staging, samples, references, tolerance,
-                                report)
+                                report, cache, layer_refs)
         landed = [o for o in outcomes if not o.failure]
         failed = [o for o in outcomes if o.failure]
         context = _ManifestContext(inputs, in_names, spec.names, references[0], reparameterize,
@@ -361,7 +333,7 @@ def write_format(fmt: str, profile: TargetProfile, deploy_model: nn.Module,
     directory.mkdir()
     try:
         cache = cache if cache is not None else CaptureCache(inputs)
-        legal, rewrites, graph = _legal_model(deploy_model, profile, inputs, decompose, cache)
+        legal, rewrites, graph = legal_model(deploy_model, profile, inputs, decompose, cache)
         outcome.legal = legal
         options: dict[str, Any] = {}
         if fmt != "onnx":
@@ -450,13 +422,31 @@ def _judge_int8(outcome: _Outcome, staging: Path, job: Any, report: VerifyReport
 
 def _verify_one(outcome: _Outcome, staging: Path, samples: list[list[np.ndarray]],
                 references: list[list[np.ndarray]], tolerance: float,
-                report: VerifyReport) -> None:
+                report: VerifyReport, cache: CaptureCache | None = None,
+                layer_refs: dict[int, Any] | None = None) -> None:
+    """Compare the format's files with the references, then layer by layer on the example.
+
+    The per-layer profile compares against the graph the files were written from (the
+    writer's, or the legal model's from ``cache``), and names the culprit of a failure;
+    ``layer_refs`` keeps PyTorch's per-node values of each graph for the next format.
+    """
     assert outcome.record is not None and outcome.legal is not None
     directory = staging / f".{outcome.fmt}"
     compare_format(directory, outcome.record, samples, references, tolerance, "recorded", report)
+    graph = outcome.record.graph
+    try:
+        if graph is None:  # ONNX is written from the module: its graph comes from the cache
+            graph = (cache or CaptureCache(tuple(torch.from_numpy(a) for a in samples[0]))
+                     ).graph(outcome.legal)
+    except Exception as exc:  # torch.export refuses a model the ONNX exporter took
+        why = f"the model could not be captured ({type(exc).__name__}: {exc})"
+        report.layers[outcome.fmt] = LayerProfile(outcome.fmt, "export", tolerance, note=why)
+        if not report.format_passed(outcome.fmt):
+            report.divergence[outcome.fmt] = f"no layer is blamed: {why}"
+    else:
+        profile_format(directory, outcome.record, graph, samples[0], tolerance, report,
+                       "export", layer_refs)
     if not report.format_passed(outcome.fmt):
-        locate_divergence(directory, outcome.record, outcome.legal, samples[0], tolerance,
-                          report)
         worst = report.max_error(outcome.fmt)
         why = report.failures.get(outcome.fmt) or f"normalized error {worst:.3e} > {tolerance:g}"
         outcome.failure = f"verification failed: {why}"
@@ -515,6 +505,7 @@ def _sub_report(report: VerifyReport | None, formats: set[str]) -> VerifyReport 
         failures={f: w for f, w in report.failures.items() if f in formats},
         divergence={f: w for f, w in report.divergence.items() if f in formats},
         judgements={f: j for f, j in report.judgements.items() if f in formats},
+        layers={f: p for f, p in report.layers.items() if f in formats},
     )
 
 
@@ -536,6 +527,7 @@ def _land(landed: list[_Outcome], writer: ArtifactWriter, samples: list[list[np.
     save_reference(staging / REFERENCE_FILE, samples, references)
     manifest = context.manifest(staging, landed, _sub_report(report, {o.fmt for o in landed}),
                                 failed_formats, failed_dir)
+    write_report(manifest)
     manifest.write()
     manifest.dir = writer.publish()
     return manifest
@@ -552,6 +544,7 @@ def _land_failed(failed: list[_Outcome], staging: Path, failed_dir: Path,
         manifest = context.manifest(side.staging, failed,
                                     _sub_report(report, {o.fmt for o in failed}),
                                     {o.fmt: o.failure for o in failed}, None)
+        write_report(manifest)
         manifest.write()
         manifest.dir = side.publish()
     except BaseException:

@@ -18,11 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from deployplug.capture import Graph
 from deployplug.errors import ArtifactFormatError, IntegrityError, VerificationError
 from deployplug.exporters.base import FormatRecord
+from deployplug.layer_profile import LayerProfile
 from deployplug.numerics import normalized_error
 from deployplug.reference_file import write_reference as save_reference  # noqa: F401 (API)
 from deployplug.runtimes import get_runner
+from deployplug.runtimes.layer_compare import reference_values
 from deployplug.verify_report import DEFAULT_TOLERANCE, Comparison, VerifyReport
 
 if TYPE_CHECKING:
@@ -93,17 +96,69 @@ def compare_format(
         report.failures[record.format] = f"{type(exc).__name__}: {exc}"
 
 
-def locate_divergence(out_dir: Path, record: FormatRecord, model: nn.Module,
-                      inputs: Sequence[np.ndarray], tolerance: float,
-                      report: VerifyReport) -> None:
-    """Ask the format for the first layer that departs from PyTorch, when it can tell."""
+def profile_format(out_dir: Path, record: FormatRecord, graph: Graph,
+                   inputs: Sequence[np.ndarray], tolerance: float, report: VerifyReport,
+                   source: str = "verify", references: dict[int, Any] | None = None) -> None:
+    """Compare ``record``'s files with ``graph`` layer by layer, into ``report``.
+
+    ``graph`` is the graph the files were written from (fused, decomposed, captured) and
+    ``inputs`` one sample. The profile goes to ``report.layers[fmt]``; when the format failed
+    its comparison, the culprit goes to ``report.divergence[fmt]`` (or why there is none).
+    ``references`` (keyed by ``id(graph)``) keeps PyTorch's per-node values for formats
+    sharing a graph; the caller keeps the graphs alive while it holds it. Never raises: a
+    comparison that cannot run becomes the profile's note.
+    """
+    fmt = record.format
     try:
-        where = get_runner(record.format).first_divergence(out_dir, record, model, inputs,
-                                                           tolerance)
-    except Exception as exc:
-        where = f"(layer-by-layer comparison failed: {type(exc).__name__}: {exc})"
-    if where:
-        report.divergence[record.format] = where
+        reference = None
+        if references is not None:
+            if id(graph) not in references:
+                references[id(graph)] = reference_values(graph, inputs)
+            reference = references[id(graph)]
+        profile = get_runner(fmt).layer_profile(out_dir, record, graph, inputs, tolerance,
+                                                source, reference)
+    except Exception as exc:  # damaged files end in a note; the verdict is already made
+        profile = LayerProfile(fmt, source, tolerance, note="the per-layer comparison could "
+                               f"not run: {type(exc).__name__}: {exc}")
+    if profile is None:
+        return
+    report.layers[fmt] = profile
+    if not report.format_passed(fmt):
+        report.divergence[fmt] = profile.describe_culprit() or _no_culprit(profile)
+
+
+def _no_culprit(profile: LayerProfile) -> str:
+    if profile.note and not profile.rows:
+        return f"no layer is blamed: {profile.note}"
+    last = next((r for r in reversed(profile.rows) if r.agrees), None)
+    where = f"after layer '{last.artifact}' ({last.op} at '{last.module}')" if last else ""
+    text = ("no mapped layer departs from PyTorch while its inputs agree; the difference "
+            f"arises {where or 'outside the mapped layers'}, in a step with no value of its "
+            "own (or on inputs other than the recorded example)")
+    return text + (f"; {profile.note}" if profile.note else "")
+
+
+def profile_against_model(out_dir: Path, manifest: Manifest, records: Sequence[FormatRecord],
+                          model: nn.Module, sample: Sequence[np.ndarray], tolerance: float,
+                          report: VerifyReport) -> None:
+    """Rebuild the graphs the files were written from, and profile every format against them."""
+    from deployplug.deploy_graph import rebuild_graphs
+
+    tensors = [torch.from_numpy(np.ascontiguousarray(x)) for x in sample]
+    rebuilt = rebuild_graphs(model, records, manifest.stages, manifest.extra, tensors,
+                             float(manifest.tolerance))
+    references: dict[int, Any] = {}
+    for record in records:
+        graph = rebuilt.graphs.get(record.format)
+        if graph is None:
+            why = rebuilt.problems.get(record.format, "no graph")
+            report.layers[record.format] = LayerProfile(record.format, "verify", tolerance,
+                                                        note=why)
+            if not report.format_passed(record.format):
+                report.divergence[record.format] = f"no layer is blamed: {why}"
+            continue
+        profile_format(out_dir, record, graph, sample, tolerance, report, "verify",
+                       references)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -115,6 +170,7 @@ def verify(
     raise_on_failure: bool = False,
     max_bytes: int | None = None,
     int8_max_drop: float | None = None,
+    layers: bool = True,
 ) -> VerifyReport:
     """Re-check an artifact directory: integrity first, then numbers.
 
@@ -124,6 +180,15 @@ def verify(
     recorded PyTorch outputs. With ``model``, also against fresh PyTorch outputs on the
     recorded inputs and on ``inputs`` (one batch, or a list of input tensors for a multi-input
     model); without ``inputs`` one new random sample of the recorded shapes is drawn.
+
+    With ``model`` and ``layers`` (the default), the graph each format was written from is
+    rebuilt from ``model`` as the export built it (fused and decomposed as the manifest's
+    ``stages`` say, checked against the node names and ops recorded then) and every mapped
+    layer is compared on the recorded example: ``report.layers[fmt]`` is the per-layer profile
+    and, for a format that failed, ``report.divergence[fmt]`` names the culprit -- the first
+    layer whose inputs agree with PyTorch and whose output does not -- with its artifact
+    layers, module path, op, error and the rule or lowering that produced it. Without a
+    model, ``report.layers`` holds the profiles recorded at export.
 
     ``tolerance`` is the caller's (default :data:`DEFAULT_TOLERANCE`): the value stored in the
     manifest is only reported, since a file must not decide how strictly it is checked.
@@ -165,7 +230,7 @@ def verify(
             return report
         with vouching(entry["name"] for entry in manifest.files):
             _compare_all(out_dir, manifest, records, model, inputs, tol, report,
-                         int8_max_drop)
+                         int8_max_drop, layers)
     if raise_on_failure and not report.passed:
         raise VerificationError(report)
     return report
@@ -183,7 +248,8 @@ def _caller_tolerance(tolerance: float | None) -> float:
 
 def _compare_all(out_dir: Path, manifest: Manifest, records: list[FormatRecord],
                  model: nn.Module | None, inputs: Any, tol: float,
-                 report: VerifyReport, int8_max_drop: float | None = None) -> None:
+                 report: VerifyReport, int8_max_drop: float | None = None,
+                 layers: bool = True) -> None:
     """The numeric part of :func:`verify`, run only on a directory that passed integrity."""
     from deployplug.int8_verify import judge_directory
 
@@ -203,8 +269,12 @@ def _compare_all(out_dir: Path, manifest: Manifest, records: list[FormatRecord],
         expected = [torch_outputs(model, s) for s in fresh]
         for record in records:
             compare_format(out_dir, record, fresh, expected, tol, "model", report)
-            if not report.format_passed(record.format):
-                locate_divergence(out_dir, record, model, fresh[0], tol, report)
+        if layers and records:
+            profile_against_model(out_dir, manifest, records, model, samples[0], tol, report)
+    elif layers and manifest.verification is not None:
+        names = {r.format for r in records}
+        report.layers.update({f: p for f, p in manifest.verification.layers.items()
+                              if f in names})
 
 
 def is_statistical(fmt: str) -> bool:

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from deployplug.layer_profile import LayerProfile, profiles_from_dict
+
 DEFAULT_TOLERANCE = 1e-5
 
 
@@ -35,7 +37,8 @@ class VerifyReport:
     tolerance: float
     comparisons: list[Comparison] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # format -> why it could not run
-    divergence: dict[str, str] = field(default_factory=dict)  # format -> first diverging layer
+    #: format -> the culprit: the first layer whose inputs agree and whose output does not
+    divergence: dict[str, str] = field(default_factory=dict)
     #: how the directory departs from its manifest; non-empty means no artifact was run
     integrity: list[str] = field(default_factory=list)
     #: the tolerance the manifest recorded at export time (reported, never applied)
@@ -43,6 +46,9 @@ class VerifyReport:
     #: format -> statistical verdict (an int8 file is judged by its decisions on real inputs,
     #: not by a normalized tolerance); keys as in ``Int8Judgement.to_dict``, ``passed`` decides
     judgements: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: format -> per-layer error profile (:mod:`deployplug.layer_profile`): at export on the
+    #: example input; with ``dp.verify(dir, model=...)`` recomputed against the model
+    layers: dict[str, LayerProfile] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -87,6 +93,8 @@ class VerifyReport:
             "integrity": list(self.integrity),
             **({"judgements": {f: dict(j) for f, j in self.judgements.items()}}
                if self.judgements else {}),
+            **({"layers": {f: p.to_dict() for f, p in self.layers.items()}}
+               if self.layers else {}),
             **({} if self.recorded_tolerance is None
                else {"recorded_tolerance": self.recorded_tolerance}),
         }
@@ -114,6 +122,7 @@ class VerifyReport:
             integrity=[str(x) for x in list(data.get("integrity", []))],
             recorded_tolerance=None if recorded is None else float(recorded),
             judgements={str(f): dict(j) for f, j in judgements.items()},
+            layers=profiles_from_dict(data.get("layers", {}), "verification.layers"),
         )
 
     def __str__(self) -> str:
@@ -137,9 +146,17 @@ class VerifyReport:
         for fmt, why in self.failures.items():
             lines.append(f"{fmt:<10}FAILED to run: {why}")
         for fmt, where in self.divergence.items():
-            lines.append(f"{fmt:<10}first diverging layer: {where}")
+            lines.append(f"{fmt:<10}culprit: {where}")
         lines.append("result: " + ("PASSED" if self.passed else "FAILED"))
         return "\n".join(lines)
+
+    def format_layers(self, formats: list[str] | None = None) -> str:
+        """The per-layer profiles as text tables, one per format (all formats by default)."""
+        names = list(self.layers) if formats is None else [f for f in formats
+                                                           if f in self.layers]
+        if not names:
+            return "no per-layer profile (the export did not verify, or it predates profiles)"
+        return "\n\n".join(self.layers[f].table() for f in names)
 
 
 def describe_judgement(judged: dict[str, Any]) -> str:

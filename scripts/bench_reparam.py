@@ -8,7 +8,9 @@ Measures, in one run, on batch 1 x 3 x 224 x 224:
 * the time ``deployplug.reparam.reparameterize`` takes for the whole model;
 * the generic linear-region pass: RepVGG-A0 written *without* fusion methods (every block a
   subclass with them removed) fused by the generic pass, against the same model fused by the
-  blocks' own methods (both times and their ratio, with and without the deep copy);
+  blocks' own methods (both times and their ratio, with and without the deep copy), and where
+  each path spends its time (median per phase: copy, block methods, trace, classify, find
+  regions, compose, build conv, structure key, float64 check, conv->BN fold, other);
 * onnxruntime latency of small ACB / DBB / MobileOne nets (blocks from
   ``tests/paper_blocks.py``, no fusion methods) after the generic pass, against the same
   convolutions rebuilt by hand as a plain ``nn.Sequential``.
@@ -63,7 +65,7 @@ from torch import nn
 
 from deployplug import models
 from deployplug.blocks import RepVGGBlock
-from deployplug.reparam import ReparamReport, reparameterize
+from deployplug.reparam import ReparamReport, generic, passes, reparameterize
 from deployplug.reparam.report import count_ops
 from deployplug.testing import normalized_error, randomize_batchnorm
 
@@ -350,6 +352,57 @@ def finish(args: argparse.Namespace, rows: list[tuple[str, str]], raw: dict[str,
     return 0
 
 
+# Where reparameterize spends its time: (label, module, function). Each is timed around its
+# outermost call, so recursion is not counted twice.
+PHASES = (("copy", passes, "_deploy_copy"), ("block methods", passes, "_convert_blocks"),
+          ("trace", generic, "_trace_tree"), ("classify", generic, "classify"),
+          ("find regions", generic, "find_regions"), ("compose", generic, "compose"),
+          ("build conv", generic, "make_conv"), ("structure key", generic, "structure_key"),
+          ("float64 check", generic, "exact_check"), ("conv->BN fold", passes, "_fold_all"))
+
+
+def phase_times(model: nn.Module, runs: int) -> Times:
+    """Per-phase wall time of ``reparameterize(model)`` over ``runs`` calls (the rest is
+    ``other``). The functions are wrapped for the measurement only and restored after."""
+    times: Times = {label: [] for label, _, _ in PHASES}
+    times["other"] = []
+    times["total"] = []
+    current: dict[str, float] = {}
+    depth: Counter[str] = Counter()
+    originals = []
+
+    def timed(label: str, fn: Callable[..., object]) -> Callable[..., object]:
+        def wrapper(*a: object, **k: object) -> object:
+            depth[label] += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                depth[label] -= 1
+                if not depth[label]:
+                    current[label] = current.get(label, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    for label, module, name in PHASES:
+        originals.append((module, name, getattr(module, name)))
+        setattr(module, name, timed(label, getattr(module, name)))
+    try:
+        reparameterize(model)  # warm
+        for _ in range(runs):
+            current.clear()
+            t0 = time.perf_counter()
+            reparameterize(model)
+            total = time.perf_counter() - t0
+            for label, _, _ in PHASES:
+                times[label].append(current.get(label, 0.0))
+            times["other"].append(total - sum(current.values()))
+            times["total"].append(total)
+    finally:
+        for module, name, fn in originals:
+            setattr(module, name, fn)
+    return times
+
+
 def generic_section(args: argparse.Namespace, train: nn.Module, x: torch.Tensor,
                     add: Callable[[str, str], None], raw: dict[str, object],
                     checks: list[tuple[str, bool]]) -> None:
@@ -396,6 +449,12 @@ def generic_section(args: argparse.Namespace, train: nn.Module, x: torch.Tensor,
     add("A0 generic/protocol time ratio, inplace",
         f"{median_ms(inplace.times['generic']) / median_ms(inplace.times['protocol']):.2f}x")
     raw["generic_vs_protocol_inplace_s"] = inplace.times
+    for name, model in (("generic", methodless), ("protocol", train)):
+        phases = least_loaded(lambda m=model: phase_times(m, args.fusion_runs), args.max_load,
+                              args.attempts)
+        add(f"A0 {name} path, median ms per phase (other processes {phases.others:.2f} cores)",
+            ", ".join(f"{k} {median_ms(v):.2f}" for k, v in phases.times.items()))
+        raw[f"phases_{name}_s"] = phases.times
     generic_ms = median_ms(group.times["generic"])
     protocol_ms = median_ms(group.times["protocol"])
     checks += [("generic/protocol <= 2x", generic_ms / protocol_ms <= 2.0),

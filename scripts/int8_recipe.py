@@ -7,8 +7,10 @@ then, for each, on the validation split with its labels:
 
 * the readiness report on 256 training images, timed (with the load of other processes);
 * plain post-training quantization (onnxruntime static QDQ), per-tensor and per-channel;
-* the repairs: equalization, the report's top-5 layers kept in float, the top-5 layers by
-  largest weight kept in float (for comparison), and ``int8_repair="auto"``;
+* the repairs: equalization, the report's top-5 layers kept in float, the top-5 layers
+  chosen by measuring real int8 files (``float_layers=5``, what ``keep_float`` by count
+  does), the top-5 layers by largest weight kept in float (for comparison), and
+  ``int8_repair="auto"``;
 * the share of the per-tensor drop each keep-float ranking recovers.
 
 Then the onnxruntime latency of int8 vs fp32 for RepVGG-A0 at 1x3x224x224 (interleaved).
@@ -116,7 +118,8 @@ def batches(x: torch.Tensor, size: int = 64) -> list[torch.Tensor]:
     return [x[i:i + size] for i in range(0, len(x), size)]
 
 
-def measure(net: torch.nn.Module, dm: DigitsDataModule, work: Path, tag: str) -> dict[str, Any]:
+def measure(net: torch.nn.Module, dm: DigitsDataModule, work: Path, tag: str,
+            oracle: bool = False) -> dict[str, Any]:
     assert dm.train_set is not None and dm.val_set is not None
     calib = batches(dm.train_set.tensors[0][:CALIBRATION])
     xv, yv = dm.val_set.tensors
@@ -137,6 +140,8 @@ def measure(net: torch.nn.Module, dm: DigitsDataModule, work: Path, tag: str) ->
                               "float_layers": report.ranking()[:5]},
         "weight_max_top5_float": {"weights": "per_tensor", "repair": "keep_float",
                                   "float_layers": [r.path for r in by_weight]},
+        "measured_top5_float": {"weights": "per_tensor", "repair": "keep_float",
+                                "float_layers": 5},
         "auto_per_tensor": {"weights": "per_tensor", "repair": "auto"},
     }
     results: dict[str, Any] = {"fp32_acc": fp32, "report_seconds": seconds,
@@ -154,11 +159,53 @@ def measure(net: torch.nn.Module, dm: DigitsDataModule, work: Path, tag: str) ->
         results[name] = {"acc": j["int8_accuracy"], "agreement": j["agreement"],
                          "drop": j["accuracy_drop"], "passed": j["passed"],
                          "repair": info["repair"], "float_layers": info["float_layers"]}
+    if oracle:
+        results["oracle_top5_float"] = oracle_top5(net, calib, xv, yv, work)
     drop = results["ptq_per_tensor"]["drop"]
-    for name in ("report_top5_float", "weight_max_top5_float", "equalize_per_tensor"):
+    for name in ("report_top5_float", "weight_max_top5_float", "measured_top5_float",
+                 "equalize_per_tensor"):
         results[name]["recovered"] = (None if not drop else
                                       (drop - results[name]["drop"]) / drop)
     return results
+
+
+def oracle_top5(net: torch.nn.Module, calib: list[torch.Tensor], xv: torch.Tensor,
+                yv: torch.Tensor, work: Path) -> dict[str, Any]:
+    """The five float layers picked greedily by validation accuracy itself: an upper bound
+    for any ranking made without the labels (it is not a method, it reads the answers)."""
+    import deployplug as dp
+    from deployplug.onnx_model import load_checked
+    from deployplug.quant.build import _export_fp32
+    from deployplug.quant.calibration import collect_batches
+    from deployplug.quant.ort_quant import nodes_for, quantize, scope_nodes
+    from deployplug.runtimes.onnxruntime import make_session
+
+    fused = dp.reparameterize(net)
+    batches = collect_batches(calib, None)
+    directory = work / "oracle"
+    directory.mkdir(exist_ok=True)
+    fp32, names = _export_fp32(fused, batches.first_sample(), directory, None, None)
+    proto = load_checked(fp32)[0]
+    layers = sorted(scope_nodes(proto))
+
+    def accuracy(keep: list[str]) -> float:
+        out = directory / "candidate.onnx"
+        quantize(fp32, out, batches, names, per_channel=False,
+                 exclude_nodes=nodes_for(proto, keep), cache_path=directory / "ranges")
+        scores = make_session(out).run(None, {names[0]: xv.numpy()})[0]
+        return float((scores.argmax(1) == yv.numpy()).mean())
+
+    with torch.no_grad():
+        fp32_acc = float((fused(xv).argmax(1) == yv).float().mean())
+    base = accuracy([])
+    picked: list[str] = []
+    for _ in range(5):
+        scores = {p: accuracy([*picked, p]) for p in layers if p not in picked}
+        picked.append(max(scores, key=lambda p: (scores[p], p)))
+    best = accuracy(picked)
+    drop = fp32_acc - base
+    return {"layers": picked, "acc": best,
+            "recovered": None if drop <= 0 else (best - base) / drop}
 
 
 def latency(work: Path, rounds: int) -> dict[str, Any]:
@@ -195,11 +242,16 @@ def summary(seed: int, variant: str, r: dict[str, Any]) -> str:
     lines = [f"seed {seed} {variant}: fp32 {_pct(r['fp32_acc'])} %, report "
              f"{r['report_seconds']:.1f} s (others used {r['report_load_cores']:.2f} cores)"]
     for name in ("ptq_per_tensor", "ptq_per_channel", "equalize_per_tensor",
-                 "report_top5_float", "weight_max_top5_float", "auto_per_tensor"):
+                 "report_top5_float", "weight_max_top5_float", "measured_top5_float",
+                 "auto_per_tensor"):
         x = r[name]
         extra = f", recovered {_pct(x['recovered'])} %" if x.get("recovered") is not None else ""
         lines.append(f"  {name:<22} acc {_pct(x['acc'])} %  drop {_pct(x['drop'])} pts  "
                      f"agreement {_pct(x['agreement'])} %  repair {x['repair']}{extra}")
+    if "oracle_top5_float" in r:
+        o = r["oracle_top5_float"]
+        lines.append(f"  oracle_top5_float      acc {_pct(o['acc'])} %  recovered "
+                     f"{_pct(o['recovered'])} %  ({', '.join(o['layers'])})")
     lines.append(f"  report top-5: {', '.join(r['report_top5'])}")
     lines.append(f"  largest-weight top-5: {', '.join(r['weight_max_top5'])}")
     return "\n".join(lines)
@@ -221,6 +273,9 @@ def main() -> None:
     parser.add_argument("--latency-rounds", type=int, default=30)
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--oracle", action="store_true",
+                        help="also pick five float layers by validation accuracy itself (an "
+                             "upper bound for label-free rankings; slow)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own); on busy shared "
                              "cores 1 is faster than 2 for this model size")
@@ -235,7 +290,7 @@ def main() -> None:
         for variant in args.variants:
             net = trained(cfg, args, variant, seed)
             scratch = Path(tempfile.mkdtemp(prefix="int8-", dir=args.work))
-            r = measure(net, dm, scratch, f"{variant}_s{seed}")
+            r = measure(net, dm, scratch, f"{variant}_s{seed}", args.oracle)
             results["runs"][f"{variant}/seed{seed}"] = r
             print(summary(seed, variant, r), flush=True)
     if not args.skip_latency:

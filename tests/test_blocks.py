@@ -64,13 +64,18 @@ def test_fused_block_matches_branches(case):
     with torch.no_grad():
         ref = preactivation(block, x)
         ref_out = block(x)
+        # Branches can cancel (one output pixel, one channel): rounding happens at the
+        # branches' magnitude, so that is the scale an exact fusion is held to.
+        branches = [block.conv_kxk(x), block.conv_1x1(x)] + (
+            [block.identity(x)] if block.identity is not None else [])
+        scale = max(float(b.abs().max()) for b in branches)
         kernel, bias = block.get_equivalent_kernel_bias()
         block.reparameterize()
         fused = preactivation(block, x)
         out = block(x)
     assert block.deployed and not hasattr(block, "conv_kxk")
     assert fused.shape == ref.shape
-    assert normalized_error(fused, ref) <= TOL[dtype]
+    assert normalized_error(fused, ref, floor=scale) <= TOL[dtype]
     # after ReLU most outputs can be zero: scale by the pre-activation magnitude instead
     assert normalized_error(out, ref_out, floor=float(ref.abs().max())) <= TOL[dtype]
     conv = block.reparam

@@ -32,6 +32,19 @@ def test_every_format_runs_over_the_validation_set_and_matches_lightning(tmp_pat
         assert 0.0 <= metrics[f"deploy/{fmt}/val_max_error"] <= 1e-5
         assert callback.exports["final"]["metrics"][f"deploy/{fmt}/val_agreement"] == 1.0
     assert metrics["deploy/torch/val_acc"] == pytest.approx(metrics["val/acc"], abs=1e-6)
+    # The numbers stay with the artifacts: manifest, report.md, and integrity still holds.
+    from deployplug import verify
+    from deployplug.manifest import load_manifest
+
+    manifest = load_manifest(callback.exports["final"]["dir"])
+    parity = manifest.extra["parity"]
+    assert set(parity) == {*FORMATS, "pytorch"}
+    assert parity["caffe"]["agreement"] == 1.0 and parity["caffe"]["samples"] == 20
+    report = (manifest.dir / "report.md").read_text()
+    assert "## Validation parity" in report and "| caffe |" in report
+    assert verify(manifest.dir).passed
+    assert sorted(p.name for p in manifest.dir.iterdir()) == sorted(
+        [f["name"] for f in manifest.files] + ["manifest.json"])
 
 
 def test_parity_batches_limits_the_run_to_the_first_batches(tmp_path):

@@ -344,13 +344,14 @@ def test_example_input_self_check_still_runs(monkeypatch):
 
     real = generic_pass.make_conv
 
-    def wrong(spec, like):  # a collapse the float64 check would have caught
-        conv = real(spec, like)
+    def wrong(spec, like, templates=None):  # a collapse the float64 check would catch
+        conv = real(spec, like, templates)
         with torch.no_grad():
             conv.bias += 1
         return conv
 
     monkeypatch.setattr(generic_pass, "make_conv", wrong)
+    monkeypatch.setattr(generic_pass, "exact_check", lambda *args: 0.0)  # ... were it off
     with pytest.raises(ReparameterizationError, match="'0'"):
         reparameterize(net, example_input=x)
 
@@ -364,6 +365,39 @@ def test_inplace_returns_the_converted_model():
 
 
 # ----------------------------------------------------------------------------- report
+
+def test_counts_before_come_from_the_pass_own_trace(monkeypatch):
+    """Without blocks that fuse themselves the model is traced once for the pass and the
+    counts before it, not twice; the counts are the same."""
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = pb.RepVGGPlain(3, 4)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else -self.a(x)
+
+    traces = []
+    real = generic_pass.RegionTracer.trace
+
+    def counted(self, root, *args, **kwargs):
+        traces.append(type(root).__name__)
+        return real(self, root, *args, **kwargs)
+
+    for net in (ready(nn.Sequential(pb.RepVGGPlain(3, 4), pb.ACB(4, 4), nn.ReLU())),
+                ready(Dynamic()), ready(nn.Sequential(RepVGGBlock(3, 4), pb.ACB(4, 4)))):
+        expected = count_ops(net)
+        monkeypatch.setattr(generic_pass.RegionTracer, "trace", counted)
+        traces.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LinearRegionWarning)
+            _, report = fused_and_report(net)
+        monkeypatch.setattr(generic_pass.RegionTracer, "trace", real)
+        assert report.op_counts()["before"] == expected
+        protocol = any(isinstance(m, RepVGGBlock) for m in net.modules())
+        # the pass (plus its children when the model is untraceable), then the counts after
+        assert traces.count(type(net).__name__) == 2 + protocol
+
 
 def test_report_reads_well_and_serialises():
     net = ready(nn.Sequential(pb.RepVGGPlain(3, 4), pb.DBB(4, 4, pad_with_bias=False),

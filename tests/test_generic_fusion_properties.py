@@ -38,6 +38,7 @@ from deployplug.reparam.fusion import (
     compress_dilation,
     contract_pointwise,
     dilate_kernel,
+    pointwise_after,
     regroup_kernel,
 )
 from deployplug.testing import normalized_error, randomize_batchnorm
@@ -353,8 +354,8 @@ def kernel_pairs(draw):
 @SETTINGS
 @given(kernel_pairs())
 def test_kernel_composition_is_the_sequence(case):
-    """compose_kernels / compose_bias / dilate_kernel / regroup_kernel / contract_pointwise
-    against running the two convolutions one after the other."""
+    """compose_kernels / compose_bias / dilate_kernel / regroup_kernel / contract_pointwise /
+    pointwise_after against running the two convolutions one after the other."""
     g, inner, outer, s1, s2, d2, size = case
     dims = inner.dim() - 2
     conv = (F.conv1d, F.conv2d)[dims - 1]
@@ -373,6 +374,8 @@ def test_kernel_composition_is_the_sequence(case):
     if all(k == 1 for k in inner.shape[2:]) and all(s == 1 for s in s1):
         assert torch.allclose(contract_pointwise(dilated, inner, g), kernel, rtol=0,
                               atol=1e-12)
+    if all(k == 1 for k in outer.shape[2:]):  # a 1x1 conv after any conv: a matrix product
+        assert torch.allclose(pointwise_after(dilated, inner, g), kernel, rtol=0, atol=1e-12)
     dense = regroup_kernel(kernel, g, 1)
     assert normalized_error(conv(x, dense, bias, tuple(a * b for a, b in zip(s1, s2))),
                             ref) <= 1e-12

@@ -72,7 +72,7 @@ def test_manifest_records_files_shapes_versions_and_verification(exported):
     for entry in data["files"]:
         digest = hashlib.sha256((manifest.dir / entry["name"]).read_bytes()).hexdigest()
         assert digest == entry["sha256"]
-    assert {e["name"] for e in data["files"]} == {"model.onnx", "reference.npz"}
+    assert {e["name"] for e in data["files"]} == {"model.onnx", "reference.npz", "report.md"}
     for package in ("torch", "onnx", "onnxruntime", "deployplug"):
         assert package in data["versions"]
     assert data["verification"]["formats"]["onnx"]["max_error"] <= 1e-5
@@ -171,7 +171,7 @@ def test_dynamo_exporter_single_file_and_dynamic_batch(tmp_path):
                          onnx_options={"dynamo": True, "dynamic_batch": True, "opset": 18})
     assert manifest.passed
     assert sorted(p.name for p in manifest.dir.iterdir()) == [
-        "manifest.json", "model.onnx", "reference.npz"]
+        "manifest.json", "model.onnx", "reference.npz", "report.md"]
     info = manifest.formats["onnx"]["info"]
     assert info["exporter"] == "dynamo" and info["opset"] >= 18
     proto = onnx.load(str(manifest.artifact("onnx")))
@@ -199,7 +199,7 @@ def test_a_previous_export_is_replaced_whole(tmp_path):
     dp.export(small_net(), torch.randn(1, 3, 8, 8), out, formats=("onnx", "caffe"))
     dp.export(small_net(), torch.randn(1, 3, 8, 8), out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json", "model.onnx", "reference.npz"]
+        "manifest.json", "model.onnx", "reference.npz", "report.md"]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
         "art"]
 

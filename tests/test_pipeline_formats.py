@@ -63,7 +63,7 @@ def test_all_three_formats_from_one_training_form_model(tmp_path):
     assert manifest.passed, str(manifest.verification)
     names = {p.name for p in manifest.dir.iterdir()}
     assert names == {"model.onnx", "model.prototxt", "model.caffemodel", "model.msnhnet",
-                     "model.msnhbin", "reference.npz", "manifest.json"}
+                     "model.msnhbin", "reference.npz", "report.md", "manifest.json"}
     for fmt in ("onnx", "caffe", "msnhnet"):
         assert manifest.verification.max_error(fmt) <= 1e-5
     # the directory re-verifies without the model, in all three runtimes
@@ -138,10 +138,8 @@ def test_caffe_mismatch_names_the_first_diverging_layer(tmp_path):
     report = dp.verify(manifest.dir, model=net)
     assert not report.passed
     assert report.divergence.get("caffe")
-    # the tampered conv's block is named, not a later layer the error propagates into
-    # (OpenCV applies the ReLU in place, so the block's first observable output is its act)
-    block = layer.name.split(".")[0]
-    assert f"layer '{block}." in report.divergence["caffe"]
+    # the tampered conv itself is named, not a later layer the error propagates into
+    assert report.divergence["caffe"].startswith(f"layer '{layer.name}'")
 
 
 class ParameterArithmetic(nn.Module):
@@ -183,5 +181,6 @@ def test_onnx_mismatch_names_the_first_diverging_layer(tmp_path):
     _rehash(manifest.dir, path.name)
     report = dp.verify(manifest.dir, model=net)
     assert not report.passed
-    # blocks 0 and 1 still agree; the first observable output of block 2 is its ReLU
-    assert report.divergence["onnx"].startswith("layer '2.act'")
+    # blocks 0 and 1 still agree; the fused conv of block 2 is named, not its ReLU
+    assert report.divergence["onnx"].startswith("layer '/2/reparam/Conv_output_0'")
+    assert "artifact layers '/2/reparam/Conv'" in report.divergence["onnx"]

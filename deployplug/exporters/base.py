@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import copy
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,17 +76,3 @@ class Exporter(abc.ABC):
         ``example_inputs`` (:class:`~deployplug.capture.Graph`); writers that lower a graph use
         it instead of capturing the model again.
         """
-
-    def run_samples(self, out_dir: Path, record: FormatRecord,
-                    samples: Sequence[Sequence[Any]]) -> list[list[Any]]:
-        """Deprecated: run the files with ``deployplug.runtimes.get_runner(fmt)`` instead.
-
-        Kept only so callers written against the old contract still run; the runner is the
-        one implementation.
-        """
-        from deployplug.runtimes import get_runner
-
-        warnings.warn("Exporter.run_samples is deprecated; use "
-                      f"deployplug.runtimes.get_runner({self.format!r}).run_samples",
-                      DeprecationWarning, stacklevel=2)
-        return get_runner(self.format).run_samples(out_dir, record, samples)

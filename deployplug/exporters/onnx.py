@@ -156,18 +156,3 @@ def module_scope_outputs(proto: onnx.ModelProto) -> dict[str, str]:
 
 
 register_exporter(OnnxExporter())
-
-
-def __getattr__(name: str) -> Any:
-    """``make_session`` / ``make_session_from_bytes`` moved to the onnxruntime runner.
-
-    Still reachable here, with a DeprecationWarning, for callers not yet importing them from
-    :mod:`deployplug.runtimes.onnxruntime`.
-    """
-    if name in ("make_session", "make_session_from_bytes"):
-        import deployplug.runtimes.onnxruntime as ort_runner
-
-        warnings.warn(f"deployplug.exporters.onnx.{name} moved to "
-                      f"deployplug.runtimes.onnxruntime.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(ort_runner, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

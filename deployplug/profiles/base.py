@@ -87,3 +87,16 @@ class TargetProfile:
 
     def suggestions(self, op: str) -> tuple[str, ...]:
         return (self.hints.get(op, self.default_hint),)
+
+
+def registry_agrees(writer: str, checks: Mapping[str, object],
+                    lowerings: Mapping[str, object]) -> None:
+    """Refuse (at import) a writer whose lowerings and its target's checks name other ops.
+
+    A target that accepts an op the writer cannot lower would pass pre-flight and fail at
+    export; a lowering without a check would let an op through pre-flight unchecked.
+    """
+    missing, extra = set(checks) - set(lowerings), set(lowerings) - set(checks)
+    if missing or extra:
+        raise ImportError(f"{writer} and target checks disagree: no lowering for "
+                          f"{sorted(missing)}, no check for {sorted(extra)}")

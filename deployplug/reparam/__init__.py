@@ -4,7 +4,8 @@ The maths lives in :mod:`deployplug.reparam.fusion` (pure tensor functions); the
 walking lives in :mod:`deployplug.reparam.passes`; the generic pass that collapses any linear
 multi-branch region into one conv is :mod:`deployplug.reparam.generic` (ops and regions:
 :mod:`~deployplug.reparam.linear_ops`, :mod:`~deployplug.reparam.linear_regions`; algebra:
-:mod:`~deployplug.reparam.affine_form`, :mod:`~deployplug.reparam.region_algebra`; check:
+:mod:`~deployplug.reparam.affine_form`, :mod:`~deployplug.reparam.kernel_sum`,
+:mod:`~deployplug.reparam.region_algebra`; check:
 :mod:`~deployplug.reparam.region_check`; rewrite: :mod:`~deployplug.reparam.rewrite`; report:
 :mod:`~deployplug.reparam.report`); what the conv->BN pass may touch is decided
 by :mod:`deployplug.reparam.eligibility` and :mod:`deployplug.reparam.parametrized`; the

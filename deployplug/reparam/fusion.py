@@ -230,6 +230,18 @@ def contract_pointwise(outer: torch.Tensor, inner: torch.Tensor, groups: int) ->
     return k.reshape(out_ch, in_per, *outer.shape[2:])
 
 
+def pointwise_after(outer: torch.Tensor, inner: torch.Tensor, groups: int) -> torch.Tensor:
+    """:func:`compose_kernels` for an outer 1x1 kernel (any inner kernel and stride): a
+    per-group matrix product ``K[o, i, t] = sum_m outer[o, m] * inner[m, i, t]``, without the
+    convolution. Extent and stride are the inner kernel's."""
+    out_ch, m_per = outer.shape[:2]
+    mid, in_per = inner.shape[:2]
+    a = outer.reshape(groups, out_ch // groups, m_per)
+    b = inner.reshape(groups, mid // groups, -1)
+    k = torch.bmm(a, b)
+    return k.reshape(out_ch, in_per, *inner.shape[2:])
+
+
 def scale_input_channels(kernel: torch.Tensor, scale: torch.Tensor,
                          groups: int) -> torch.Tensor:
     """``kernel`` (``(O, I/groups, *k)``) applied to ``scale[i] * x[i]``: each input channel's
@@ -246,52 +258,16 @@ def compose_bias(outer: torch.Tensor, outer_bias: torch.Tensor | None, inner_bia
 
     Every outer tap reads an in-range position, so each contributes its weight times the
     constant: ``b[o] = outer_bias[o] + sum_{m in group(o), u} outer[o, m, u] * inner_bias[m]``.
+    Always the same arithmetic, whatever the values (a zero ``inner_bias`` included), so the
+    result's code path depends on shapes only.
     """
     out_ch, m_per = outer.shape[:2]
-    if not bool(inner_bias.any()):  # the common case: a branch reading the block input
-        bias = outer.new_zeros(out_ch)
-        return bias if outer_bias is None else bias + outer_bias
     taps = math.prod(outer.shape[2:])
     # One matrix-vector product per group over (m, u): no reduction over the short tap axis.
     rows = outer.reshape(groups, out_ch // groups, m_per * taps)
     col = inner_bias.reshape(groups, m_per, 1).expand(groups, m_per, taps)
     bias = torch.bmm(rows, col.reshape(groups, m_per * taps, 1)).reshape(-1)
     return bias if outer_bias is None else bias + outer_bias
-
-
-def add_placed(kernel: torch.Tensor, small: torch.Tensor, before: Sequence[int],
-               scale: float = 1.0, *, in_place: bool = False) -> torch.Tensor:
-    """``kernel + scale * place_kernel(small, before, kernel.shape[2:])``, writing only the
-    taps ``small`` covers (no full-size padded copy of ``small``). A new tensor unless
-    ``in_place``, for a kernel the caller has just computed and nobody else reads."""
-    out = kernel if in_place else kernel.clone()
-    index = [slice(None), slice(None)]
-    for b, k, e in zip(before, small.shape[2:], kernel.shape[2:]):
-        if b < 0 or b + k > e:
-            raise ValueError(f"kernel {tuple(small.shape[2:])} does not fit "
-                             f"{tuple(kernel.shape[2:])} at {tuple(before)}")
-        index.append(slice(b, b + k))
-    out[tuple(index)] += small if scale == 1 else scale * small
-    return out
-
-
-def place_kernel(kernel: torch.Tensor, before: Sequence[int],
-                 extent: Sequence[int]) -> torch.Tensor:
-    """``kernel`` inside a zero kernel of spatial size ``extent``, starting at ``before``.
-
-    Used to align branches whose windows start at different offsets (a 1x1 branch inside a
-    3x3 one starts one tap later); unlike :func:`pad_kernel` the placement need not be
-    centred, so even and rectangular kernels align too.
-    """
-    pads: list[int] = []
-    for b, e, k in zip(reversed(tuple(before)), reversed(tuple(extent)),
-                       reversed(kernel.shape[2:])):
-        after = e - b - k
-        if b < 0 or after < 0:
-            raise ValueError(f"kernel {tuple(kernel.shape[2:])} does not fit {tuple(extent)} "
-                             f"at {tuple(before)}")
-        pads += [b, after]
-    return F.pad(kernel, pads) if any(pads) else kernel
 
 
 def average_kernel(channels: int, size: Sequence[int], divisor: float, *,

@@ -31,18 +31,24 @@ region op kept as one call (an SE gate stays an SE module). Nothing is specialis
 shape, so batch and spatial sizes stay dynamic.
 
 **Belt and braces.** The composed conv is compared in float64 with the region's own modules
-(run through ``torch.func.functional_call`` on float64 copies of their tensors) on a small
-random input with windows at both borders and every tap on real input; anything above
+(their own ``forward`` on float64 copies of their tensors) on a small random input with
+windows at both borders and every tap on real input; anything above
 ``region_check.CHECK_TOLERANCE`` (or the model dtype's rounding, for constants torch.fx
-computed at trace time) is refused, not applied.
+computed at trace time) is refused, not applied, and so is a built conv whose weights are not
+the composed values rounded to its dtype. The check runs once per region structure
+(:func:`~deployplug.reparam.region_check.structure_key`): the algebra's arithmetic depends on
+the structure only, so the identical blocks of a stage need one check, not one full-width
+float64 run each.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from collections import Counter, OrderedDict, defaultdict
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,9 +59,21 @@ from deployplug.reparam.affine_form import ConvSpec, Refused
 from deployplug.reparam.linear_ops import Classified, classify, hooks_of
 from deployplug.reparam.linear_regions import Region, find_regions
 from deployplug.reparam.region_algebra import Float64, compose
-from deployplug.reparam.region_check import CHECK_TOLERANCE, first_line, numerical_check
-from deployplug.reparam.report import CollapsedRegion, LinearRegionWarning, SkippedRegion
+from deployplug.reparam.region_check import (
+    CHECK_TOLERANCE,
+    exact_check,
+    first_line,
+    structure_key,
+)
+from deployplug.reparam.report import (
+    CollapsedRegion,
+    LinearRegionWarning,
+    SkippedRegion,
+    count_graph,
+    count_modules,
+)
 from deployplug.reparam.rewrite import (
+    ConvTemplates,
     fresh_name,
     keep_plain_attributes,
     make_conv,
@@ -85,6 +103,13 @@ class _Outcome:
     collapsed: list[CollapsedRegion]
     skipped: list[SkippedRegion]
     changes: list[Change]
+    # float64 check errors of the region structures that passed (region_check.structure_key)
+    checked: dict[Hashable, float] = field(default_factory=dict)
+    # op counts of the model before the pass changed it, when asked for
+    counts: dict[str, int | None] | None = None
+    # whether any module has forward hooks (if none, no region needs looking for them)
+    hooks: bool = False
+    templates: ConvTemplates = field(default_factory=ConvTemplates)
 
 
 class _CallIndex:
@@ -110,13 +135,20 @@ class _Found:
     prefix: str
     root: nn.Module
     calls: _CallIndex
+    f64: Float64
 
 
-def collapse_linear_regions(model: nn.Module) -> tuple[nn.Module, _Outcome]:
+def collapse_linear_regions(model: nn.Module, count: bool = False
+                            ) -> tuple[nn.Module, _Outcome]:
     """Collapse every exact linear region of ``model`` in place; returns the (possibly new)
-    root and what was done. Never raises for a model it cannot handle: it leaves it alone."""
+    root and what was done. Never raises for a model it cannot handle: it leaves it alone.
+    With ``count`` the outcome also holds the model's op counts from before any change
+    (:func:`~deployplug.reparam.report.count_ops`, from the trace the pass makes anyway)."""
     outcome = _Outcome([], [], [])
     traced, untraceable = _trace_tree(model, "")
+    if count:
+        whole = not untraceable and len(traced) == 1
+        outcome.counts = count_graph(model, traced[0][2]) if whole else count_modules(model)
     for path, module, exc in untraceable:
         convs = sum(1 for child in module.children()
                     if any(isinstance(m, nn.modules.conv._ConvNd) for m in child.modules()))
@@ -127,13 +159,18 @@ def collapse_linear_regions(model: nn.Module) -> tuple[nn.Module, _Outcome]:
     for prefix, module, graph in traced:
         classified = classify(graph, module)
         index = None
+        f64 = Float64()
         for region in find_regions(graph, classified, prefix):
             if region.problem is not None:
                 outcome.skipped.append(_skipped(region, region.problem))
                 continue
             index = index or _CallIndex(graph)
-            wanted[region.owner].append(_Found(region, classified, graph, prefix, module, index))
-    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+            wanted[region.owner].append(_Found(region, classified, graph, prefix, module, index,
+                                               f64))
+    uses: Counter[int] = Counter()
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] += 1
+        outcome.hooks = outcome.hooks or hooks_of(m)
     rewritten: list[str] = []
     for owner in sorted(wanted, key=lambda p: (-p.count(".") - bool(p), p)):
         found = wanted[owner]
@@ -234,6 +271,7 @@ def _collapse_owner(model: nn.Module, owner: str, signatures: list[Any], involve
         return model
     classified = classify(graph, module)
     f64 = Float64()
+    like = reference_tensor(module)
     remaining = list(signatures)
     new_modules: dict[str, nn.Module] = {}
     done: list[tuple[Region, ConvSpec, str, float]] = []
@@ -243,12 +281,12 @@ def _collapse_owner(model: nn.Module, owner: str, signatures: list[Any], involve
             continue
         remaining.remove(sig)
         try:
-            spec, error = _fuse(region, classified, module, owner, f64)
+            spec, conv, error = _fuse(region, classified, module, owner, f64, like, outcome)
         except Refused as why:
             outcome.skipped.append(_skipped(region, str(why)))
             continue
         name = fresh_name(module, graph, new_modules)
-        new_modules[name] = make_conv(spec, reference_tensor(module))
+        new_modules[name] = conv
         rewrite(graph, region, classified, name)
         done.append((region, spec, name, error))
     for modules, ops in remaining:  # seen in the whole model, not in the owner's own trace
@@ -289,13 +327,12 @@ def _fast_collapse(model: nn.Module, found: _Found, outcome: _Outcome,
     tail = _tail_chain(found, rel)
     if tail is None:
         return False
-    f64 = Float64()
     try:
-        spec, error = _fuse(region, found.classified, found.root, found.prefix, f64)
+        spec, conv, error = _fuse(region, found.classified, found.root, found.prefix,
+                                  found.f64, reference_tensor(module), outcome)
     except Refused as why:
         outcome.skipped.append(_skipped(region, str(why)))
         return True
-    conv = make_conv(spec, reference_tensor(module))
     name = "reparam"
     while name in tail:
         name += "_"
@@ -316,8 +353,26 @@ def _fast_collapse(model: nn.Module, found: _Found, outcome: _Outcome,
 def _one_tensor_argument(module: nn.Module) -> bool:
     """``forward`` takes exactly one required positional argument and nothing else, so a
     conv or an ``nn.Sequential`` can be called the way the block was."""
+    forward = module.forward
+    function = getattr(forward, "__func__", None)
+    if function is None or "forward" in vars(module):
+        return _takes_one_tensor(forward, 0)
     try:
-        params = list(inspect.signature(module.forward).parameters.values())
+        known = _ONE_TENSOR.get(function)
+        if known is None:  # every block of a class shares its forward: inspect it once
+            known = _ONE_TENSOR[function] = _takes_one_tensor(function, 1)
+    except TypeError:  # a callable that cannot be weakly referenced: not cached
+        known = _takes_one_tensor(function, 1)
+    return known
+
+
+_ONE_TENSOR: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _takes_one_tensor(function: Any, skip: int) -> bool:
+    """One required positional parameter, after the first ``skip`` (``self``)."""
+    try:
+        params = list(inspect.signature(function).parameters.values())[skip:]
     except (TypeError, ValueError):
         return False
     return (len(params) == 1 and params[0].default is inspect.Parameter.empty
@@ -360,23 +415,30 @@ def _tail_chain(found: _Found, rel: str) -> list[str] | None:
 
 
 def _fuse(region: Region, classified: Classified, root: nn.Module, prefix: str,
-          f64: Float64) -> tuple[ConvSpec, float]:
-    """The region's conv and its float64 check error, or :class:`Refused`."""
-    hooked = _hooked_scope(root, region, classified, prefix)
+          f64: Float64, like: torch.Tensor | None,
+          outcome: _Outcome) -> tuple[ConvSpec, nn.Module, float]:
+    """The region's conv spec, the conv module built from it (dtype and device of ``like``)
+    and the float64 check error that covers it, or :class:`Refused`."""
+    hooked = _hooked_scope(root, region, classified, prefix) if outcome.hooks else None
     if hooked is not None:
         raise Refused(f"module '{hooked}' has forward hooks, which see values the collapsed "
                       "region no longer computes")
-    like = reference_tensor(root)
-    eps = torch.finfo(like.dtype if like is not None else torch.get_default_dtype()).eps
-    rtol = max(CHECK_TOLERANCE, _ULPS * eps)
+    dtype = like.dtype if like is not None else torch.get_default_dtype()
+    rtol = max(CHECK_TOLERANCE, _ULPS * torch.finfo(dtype).eps)
     try:
         form, candidates = compose(region, classified, f64, rtol)
         spec = form.conv_spec(candidates)
+        conv = make_conv(spec, like, outcome.templates)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         # Something about these ops the algebra does not model: leave them as they are.
         raise Refused(f"its ops could not be composed ({type(exc).__name__}: "
                       f"{first_line(exc)})") from None
-    return spec, numerical_check(region, classified, root, spec, f64, rtol)
+    key = structure_key(region, classified, root, spec, dtype)
+    error = outcome.checked.get(key)
+    if error is None:
+        error = exact_check(region, classified, root, spec, conv, f64, rtol)
+        outcome.checked[key] = error
+    return spec, conv, error
 
 
 def _owner_blocker(model: nn.Module, owner: str, module: nn.Module,

@@ -58,6 +58,11 @@ _PAD_MODULES = {nn.ZeroPad1d: "zeros", nn.ZeroPad2d: "zeros", nn.ZeroPad3d: "zer
                 nn.CircularPad3d: "circular"}
 _DIMS_OF = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2,
             nn.AvgPool3d: 3, nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+# torch's own leaf modules the pass reads as linear ops. It only ever reads them (and drops
+# the ones it collapses), so a deploy copy may lend them out instead of copying them.
+LINEAR_LEAF_CLASSES: frozenset[type] = frozenset({
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, *_IDENTITY_MODULES, *_PAD_MODULES})
 # Constant folding runs arbitrary torch functions on parameters; these draw random numbers,
 # allocate uninitialised memory or write in place, so their result is not a fixed value.
 _IMPURE_WORDS = ("rand", "normal", "bernoulli", "dropout", "empty", "uniform", "multinomial",

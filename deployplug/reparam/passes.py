@@ -47,6 +47,7 @@ from deployplug.errors import BatchNormStatsError
 from deployplug.reparam.eligibility import bn_blocker, conv_blocker, runs_children_in_order
 from deployplug.reparam.fusion import fold_bn
 from deployplug.reparam.generic import collapse_linear_regions
+from deployplug.reparam.linear_ops import LINEAR_LEAF_CLASSES, hooks_of
 from deployplug.reparam.parametrized import bake
 from deployplug.reparam.report import ReparamReport, count_ops
 from deployplug.reparam.selfcheck import Change, Inputs, as_inputs, check, record
@@ -65,7 +66,9 @@ def reparameterize(model: nn.Module, inplace: bool = False, example_input: Input
 
     Returns a model in eval mode with the same dtype and device. With ``inplace=False`` (the
     default) the given model is left exactly as it was, parameters and training flags
-    included; it is never run or hooked. Running it twice is a no-op. The result is usually
+    included; it is never hooked, and the result shares no module or tensor with it (the
+    copy borrows modules the passes only read and copies whatever of them survives).
+    Running it twice is a no-op. The result is usually
     the same object tree with blocks replaced at their paths; a region that spans modules is
     rewritten as a ``torch.fx.GraphModule`` of their common parent (which may be the model,
     so use the returned object, also with ``inplace=True``).
@@ -90,31 +93,39 @@ def reparameterize(model: nn.Module, inplace: bool = False, example_input: Input
     if inplace:
         target, borrowed = model, _Borrowed()
     else:
-        target, borrowed = _deploy_copy(model)
+        target, borrowed = _deploy_copy(model, lend_leaves=generic,
+                                        watched=inputs is not None)
     changes: list[Change] = []
     try:
         target.eval()
         reference = record(target, inputs, _watch_list(target)) if inputs is not None else None
-        if report is not None:
+        # Counted now only if something may change the model before the generic pass, which
+        # otherwise counts it from its own trace (one trace fewer)
+        count_later = report is not None and generic and not any(
+            _protocol_method(m) is not None for m in target.modules())
+        if report is not None and not count_later:
             report.counts_before = count_ops(target)
         target = _convert_blocks(target, "", changes)
+        protocol = list(changes)
+        if protocol:
+            target.eval()  # what blocks built while fusing is new, and in training mode
+        if generic:
+            target, outcome = collapse_linear_regions(target, count=count_later)
+            changes += outcome.changes
+            if report is not None:
+                report.collapsed += outcome.collapsed
+                report.left_alone += outcome.skipped
+                if count_later:
+                    report.counts_before = outcome.counts
         borrowed.release(target)  # before anything else may write to what fusion left behind
     finally:
         borrowed.restore_modes()
     if report is not None:
-        report.protocol += [(c.path, c.how.split()[-1].rstrip("()")) for c in changes]
-    target.eval()  # what blocks built while fusing is new, and in training mode
-    if generic:
-        target, outcome = collapse_linear_regions(target)
-        changes += outcome.changes
-        if report is not None:
-            report.collapsed += outcome.collapsed
-            report.left_alone += outcome.skipped
-        target.eval()  # the new convs and GraphModules
+        report.protocol += [(c.path, c.how.split()[-1].rstrip("()")) for c in protocol]
     folds = _fold_all(target)
     changes += [Change(bn_path, bn, f"folded into conv '{conv_path}' by the conv->BN pass")
                 for conv_path, bn_path, bn in folds]
-    target.eval()  # and so are the Identity modules in the BatchNorm slots
+    target.eval()  # the modules the passes built (new convs, GraphModules, Identity slots)
     if report is not None:
         report.folded += [(conv_path, bn_path) for conv_path, bn_path, _ in folds]
         report.counts_after = count_ops(target)
@@ -189,39 +200,107 @@ def _detached_attributes(model: nn.Module) -> dict[int, object]:
     return memo
 
 
-def _deploy_copy(model: nn.Module) -> tuple[nn.Module, _Borrowed]:
+def _deploy_copy(model: nn.Module, lend_leaves: bool = False,
+                 watched: bool = False) -> tuple[nn.Module, _Borrowed]:
     """Deep copy that does not duplicate what fusion is about to throw away.
 
     Blocks whose class sets ``fusion_reads_only = True`` promise that fusing only reads their
     submodules and tensors, builds new ones and drops the old. The copy of such a block may
     therefore borrow the original's submodules for the moment between copying and fusing,
-    which saves copying nearly every weight (and module) of a RepVGG model. Only children
-    used nowhere else are borrowed; :meth:`_Borrowed.release` guarantees nothing borrowed
-    survives in the result, and :meth:`_Borrowed.restore_modes` that switching the copy to
-    eval mode does not leave the original's borrowed modules in eval mode.
+    which saves copying nearly every weight (and module) of a RepVGG model. With
+    ``lend_leaves`` (the generic pass will run) the same holds for torch's own linear leaf
+    modules (:data:`~deployplug.reparam.linear_ops.LINEAR_LEAF_CLASSES`: convs, BatchNorms,
+    pads, pools, identities) outside any block that fuses itself: that pass only reads them
+    and replaces the regions they form. ``watched`` (an example input will be recorded, with
+    hooks on BatchNorms) keeps BatchNorms out of that, so no hook ever touches the original.
+    Only modules used nowhere else are borrowed; :meth:`_Borrowed.release` guarantees nothing
+    borrowed survives in the result, and :meth:`_Borrowed.restore_modes` that switching the
+    copy to eval mode does not leave the original's borrowed modules in eval mode.
     """
     module_uses: Counter[int] = Counter()
     tensor_uses: Counter[int] = Counter()
     owners = []
+    trivial = []
     for _, module in model.named_modules(remove_duplicate=False):
         module_uses[id(module)] += 1
         tensor_uses.update(id(t) for t in _own_tensors(module))
         if getattr(type(module), "fusion_reads_only", False) and not getattr(
                 module, "deployed", True):
             owners.append(module)
+        elif module_uses[id(module)] == 1 and _trivial(module):
+            trivial.append(module)
     memo = _detached_attributes(model)
     borrowed = _Borrowed()
+
+    def lend(root: nn.Module, subtree: list[nn.Module]) -> None:
+        tensors = [t for m in subtree for t in _own_tensors(m)]
+        if all(module_uses[id(m)] == 1 for m in subtree) and all(
+                tensor_uses[id(t)] == 1 for t in tensors):
+            memo[id(root)] = root
+            borrowed.modules.update(id(m) for m in subtree)
+            borrowed.tensors.update(id(t) for t in tensors)
+            borrowed.modes.extend((m, m.training) for m in subtree)
+
     for owner in owners:
         for child in owner.children():
-            subtree = list(child.modules())
-            tensors = [t for m in subtree for t in _own_tensors(m)]
-            if all(module_uses[id(m)] == 1 for m in subtree) and all(
-                    tensor_uses[id(t)] == 1 for t in tensors):
-                memo[id(child)] = child
-                borrowed.modules.update(id(m) for m in subtree)
-                borrowed.tensors.update(id(t) for t in tensors)
-                borrowed.modes.extend((m, m.training) for m in subtree)
+            lend(child, list(child.modules()))
+    if lend_leaves:
+        for module in _outside_protocol_blocks(model):
+            if id(module) in borrowed.modules or hooks_of(module):
+                continue
+            if type(module) in LINEAR_LEAF_CLASSES:
+                if not (watched and isinstance(module, _BatchNorm)):
+                    lend(module, [module])
+            elif type(module) is nn.Sequential and not watched:
+                # a plain container of such leaves: only ever read or traced, and replaced
+                # in its parent when it is a region's owner (a leaf never is one)
+                children = list(module.children())
+                if children and all(type(c) in LINEAR_LEAF_CLASSES and not hooks_of(c)
+                                    for c in children):
+                    lend(module, [module, *children])
+    for module in trivial:
+        if id(module) not in memo and id(module) not in borrowed.modules:
+            memo[id(module)] = _copy_trivial(module)
     return copy.deepcopy(model, memo), borrowed
+
+
+_IMMUTABLE = (bool, int, float, str, type(None))
+
+
+def _trivial(module: nn.Module) -> bool:
+    """A module of torch's own (``torch.nn``) classes holding nothing but immutable settings
+    and empty containers (no tensors, children or hooks): an activation, a pooling, a
+    flatten. For such a module a shallow copy with new empty containers is its deep copy."""
+    if not type(module).__module__.startswith("torch.nn.modules."):
+        return False
+    for value in vars(module).values():
+        if isinstance(value, (dict, list, set)):
+            if value:
+                return False
+        elif not (isinstance(value, _IMMUTABLE) or (type(value) is tuple and all(
+                isinstance(v, _IMMUTABLE) for v in value))):
+            return False
+    return True
+
+
+def _copy_trivial(module: nn.Module) -> nn.Module:
+    """The deep copy of a :func:`_trivial` module, without ``copy.deepcopy``'s walk."""
+    clone = copy.copy(module)
+    state = vars(clone)
+    for name, value in state.items():
+        if isinstance(value, (dict, list, set)):
+            state[name] = value.copy()
+    return clone
+
+
+def _outside_protocol_blocks(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` and its descendants, except any block with a fusion method and everything
+    inside it: such a method may write to its submodules."""
+    if _protocol_method(module) is not None:
+        return
+    yield module
+    for child in module.children():
+        yield from _outside_protocol_blocks(child)
 
 
 # ----------------------------------------------------------------------------- pass 1

@@ -2,14 +2,14 @@
 
 Walks the region's nodes in graph order and applies each op to the form of its input, starting
 from the identity on the region's source. The spatial rank and the source's channel count
-come from the ops themselves (convs, 2-D/3-D BatchNorms and pools, per-channel constants);
-values are float64 copies of the parameters, made once (:class:`Float64`) so the numerical
-re-check reads the same tensors.
+come from the ops themselves (convs, 2-D/3-D BatchNorms and pools, per-channel constants).
+Convolution weights go into the algebra as they are stored (it only ever combines them with
+float64 values and never writes to them); everything else is a float64 copy made once
+(:class:`Float64`), which the numerical re-check reads too.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,11 +24,13 @@ from deployplug.reparam.parametrized import bake
 
 
 class Float64:
-    """float64 copies of parameters, made once per owner: the algebra and the re-check read
-    the same tensors, and converting a large model twice would double the pass's cost."""
+    """float64 copies of parameters, made once per traced graph: the algebra and the re-check
+    read the same tensors, and converting a large model twice would double the pass's cost.
+    Also the inference-mode affine maps of all the graph's BatchNorms, computed together."""
 
     def __init__(self) -> None:
         self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._batch_norms: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __call__(self, value: Any) -> Any:
         if not isinstance(value, torch.Tensor) or value.dtype == torch.float64:
@@ -40,6 +42,52 @@ class Float64:
             hit = (value, value.detach().to(torch.float64))
             self._copies[id(value)] = hit
         return hit[1]
+
+    def batch_norm(self, op: LinearOp,
+                   classified: Classified) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)`` in float64 of the BatchNorm ``op``. The first call computes
+        them for every BatchNorm of the graph at once (a few tensor ops instead of a dozen
+        per BatchNorm); each value is the same as :func:`bn_scale_shift` gives alone."""
+        if self._batch_norms is None:
+            self._batch_norms = _all_batch_norms(classified)
+        found = self._batch_norms.get(op.node)
+        if found is not None:
+            return found
+        a = op.attrs
+        return bn_scale_shift(self(a["mean"]), self(a["var"]), a["eps"], self(a["weight"]),
+                              self(a["bias"]))
+
+
+def _all_batch_norms(classified: Classified
+                     ) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
+    """float64 ``(scale, shift)`` of every BatchNorm op in ``classified``, per device, with
+    the arithmetic of :func:`bn_scale_shift` (``rsqrt(var + eps) * weight``, then
+    ``-mean * scale + bias``), elementwise over all their channels at once."""
+    groups: dict[torch.device, list[LinearOp]] = {}
+    for op in classified.ops.values():
+        if op.kind == "batch_norm":
+            groups.setdefault(op.attrs["mean"].device, []).append(op)
+    out: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
+    for device, ops in groups.items():
+        sizes = [op.attrs["mean"].numel() for op in ops]
+
+        def flat(name: str, default: float, ops: list[LinearOp] = ops,
+                 device: torch.device = device, sizes: list[int] = sizes) -> torch.Tensor:
+            # one concatenation in the stored dtypes, then one conversion to float64
+            parts = [op.attrs[name] for op in ops]
+            return torch.cat([torch.full((n,), default, dtype=torch.float64, device=device)
+                              if p is None else p if p.dim() == 1 else p.reshape(-1)
+                              for p, n in zip(parts, sizes)]).to(torch.float64)
+
+        with torch.no_grad():
+            eps = torch.tensor([float(op.attrs["eps"]) for op in ops], dtype=torch.float64,
+                               device=device).repeat_interleave(
+                                   torch.tensor(sizes, device=device))
+            scale = torch.rsqrt(flat("var", 0.0) + eps) * flat("weight", 1.0)
+            shift = -flat("mean", 0.0) * scale + flat("bias", 0.0)
+        for op, s, b in zip(ops, scale.split(sizes), shift.split(sizes)):
+            out[op.node] = (s, b)
+    return out
 
 
 def compose(region: Region, classified: Classified, f64: Float64,
@@ -54,7 +102,7 @@ def compose(region: Region, classified: Classified, f64: Float64,
     for op in ops:
         x = forms[op.inputs[0]]
         try:
-            forms[op.node] = _apply(op, x, forms, dims, f64, dilations, rtol)
+            forms[op.node] = _apply(op, x, forms, dims, f64, classified, dilations, rtol)
         except Refused as why:
             raise Refused(f"at '{_where(op)}': {why}") from None
     return forms[region.sink], tuple(sorted(dilations))
@@ -118,19 +166,16 @@ def _source_channels(region: Region, ops: list[LinearOp]) -> int:
 
 
 def _apply(op: LinearOp, x: AffineForm, forms: dict[fx.Node, AffineForm], dims: int,
-           f64: Float64, dilations: set[int], rtol: float) -> AffineForm:
+           f64: Float64, classified: Classified, dilations: set[int],
+           rtol: float) -> AffineForm:
     a = op.attrs
     if op.kind == "identity":
-        return replace(x, owned=False)
+        return x
     if op.kind == "add":
         alpha, beta = a["coefficients"]
-        first, second = op.inputs
-        reuse = first is not second and len(first.users) == 1 and len(second.users) == 1
-        return x.combined(forms[second], alpha, beta, reuse)
+        return x.combined(forms[op.inputs[1]], alpha, beta)
     if op.kind == "batch_norm":
-        scale, shift = bn_scale_shift(f64(a["mean"]), f64(a["var"]), a["eps"],
-                                      f64(a["weight"]), f64(a["bias"]))
-        return x.affine(scale, shift)
+        return x.affine(*f64.batch_norm(op, classified))
     if op.kind == "affine":
         for value in (a["scale"], a["shift"]):
             _per_channel(value, dims)
@@ -152,10 +197,13 @@ def _apply(op: LinearOp, x: AffineForm, forms: dict[fx.Node, AffineForm], dims: 
     if op.kind == "conv":
         module = a.get("module")
         if module is not None:
-            bake(module)
-            weight, bias = f64(module.weight), f64(module.bias)
+            if module._forward_pre_hooks or "parametrizations" in module._modules:
+                bake(module)  # a norm-parametrized weight becomes the plain weight it computes
+            weight, bias = module.weight.detach(), f64(module.bias)
         else:
-            weight, bias = f64(a["weight"]), f64(a["bias"])
+            weight, bias = a["weight"], f64(a["bias"])
+        if not weight.is_floating_point():
+            raise Refused(f"its weight is {weight.dtype}, not a real floating-point dtype")
         dilations.update(a["dilation"])
         if a["padding_mode"] == "zeros":
             x = x.padded(a["before"], a["after"], rtol=rtol)

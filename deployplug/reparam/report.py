@@ -10,8 +10,9 @@ Pass an empty :class:`ReparamReport` as ``report=`` and read it afterwards::
     report.to_dict()              # JSON-ready, for a manifest or a logger
 
 An out-parameter keeps the return type of ``reparameterize`` (the model) unchanged for every
-existing caller, and costs nothing when not asked for: the whole-model op counts need two
-extra traces, which only run when a report is requested.
+existing caller, and costs nothing when not asked for: the whole-model op counts need up to
+two extra traces (none before fusion when no block fuses itself: the generic pass's own trace
+is counted), which only run when a report is requested.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ class CollapsedRegion:
     ``replaced_by`` how it was rewritten: ``"conv"`` (the owner *is* now the conv),
     ``"sequential"`` (the conv followed by the owner's remaining child calls, under their
     old names) or ``"graph_module"`` (the owner's traced forward with the region swapped for
-    the conv). ``check_error`` is the float64 normalized error of the numerical re-check.
+    the conv). ``check_error`` is the normalized error of the built conv (its weights read
+    in float64) against the region's own modules in float64 on the re-check's input; regions
+    of one structure are checked once and share it
+    (:func:`~deployplug.reparam.region_check.structure_key`).
     """
 
     owner: str
@@ -129,9 +133,21 @@ def count_ops(model: nn.Module) -> dict[str, int | None]:
     try:
         graph = RegionTracer().trace(model)
     except Exception:  # noqa: BLE001 - an untraceable model is counted by its modules
-        mods = list(model.modules())
-        return {"conv": sum(isinstance(m, _ConvNd) for m in mods),
-                "batch_norm": sum(isinstance(m, _BatchNorm) for m in mods), "add": None}
+        return count_modules(model)
+    return count_graph(model, graph)
+
+
+def count_modules(model: nn.Module) -> dict[str, int | None]:
+    """The counts of a model that cannot be traced: its conv and BatchNorm modules, adds
+    unknown."""
+    mods = list(model.modules())
+    return {"conv": sum(isinstance(m, _ConvNd) for m in mods),
+            "batch_norm": sum(isinstance(m, _BatchNorm) for m in mods), "add": None}
+
+
+def count_graph(model: nn.Module, graph: fx.Graph) -> dict[str, int | None]:
+    """:func:`count_ops` of a ``RegionTracer`` trace of ``model`` already at hand (the
+    generic pass's own, so a report does not trace the model a second time)."""
     live: set[fx.Node] = set()
     counts: dict[str, int] = dict.fromkeys(COUNTED, 0)
     for node in graph.nodes:

@@ -8,6 +8,7 @@ computing that graph: the conv itself, an ``nn.Sequential`` of same-named childr
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -36,17 +37,47 @@ def reference_tensor(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def make_conv(spec: ConvSpec, like: torch.Tensor | None) -> nn.Module:
+class ConvTemplates:
+    """Convolution modules built once per set of settings, then copied.
+
+    ``ConvNd.__init__`` initialises a weight it is about to lose (on the meta device, through
+    torch's decompositions), which costs more than everything else :func:`make_conv` does. A
+    shallow copy of a module torch's own constructor built, with every container attribute
+    (parameters, hooks, padding list) copied, is the same module without that work.
+    """
+
+    def __init__(self) -> None:
+        self._built: dict[tuple[Any, ...], nn.Module] = {}
+
+    def new(self, spec: ConvSpec) -> nn.Module:
+        cls = _CONV_CLASSES[len(spec.stride)]
+        settings = (cls, spec.in_channels, spec.out_channels, tuple(spec.weight.shape[2:]),
+                    spec.stride, spec.padding, spec.dilation, spec.groups, spec.padding_mode)
+        template = self._built.get(settings)
+        if template is None:
+            template = cls(*settings[1:-1], bias=True, padding_mode=spec.padding_mode,
+                           device="meta")
+            self._built[settings] = template
+        conv = copy.copy(template)
+        state = vars(conv)
+        for name, value in state.items():
+            if isinstance(value, (dict, list, set)):
+                state[name] = value.copy()  # same type (OrderedDict stays OrderedDict)
+        return conv
+
+
+def make_conv(spec: ConvSpec, like: torch.Tensor | None,
+              templates: ConvTemplates | None = None) -> nn.Module:
+    """The ``ConvNd`` of ``spec`` in ``like``'s dtype and device: its float64 kernel is
+    summed and rounded once, straight into the new parameter."""
     dtype = like.dtype if like is not None else torch.get_default_dtype()
     device = like.device if like is not None else None
     requires_grad = like.requires_grad if isinstance(like, nn.Parameter) else True
-    cls = _CONV_CLASSES[len(spec.stride)]
-    conv = cls(spec.in_channels, spec.out_channels, tuple(spec.weight.shape[2:]), spec.stride,
-               spec.padding, spec.dilation, spec.groups, bias=True,
-               padding_mode=spec.padding_mode, device="meta")
-    conv.weight = nn.Parameter(spec.weight.to(device=device, dtype=dtype),
-                               requires_grad=requires_grad)
-    conv.bias = nn.Parameter(spec.bias.to(device=device, dtype=dtype),
+    if not bool(torch.isfinite(spec.bias).all()):
+        raise ValueError("the composed bias is not finite")
+    conv = (templates or ConvTemplates()).new(spec)
+    conv.weight = nn.Parameter(spec.weight.write(dtype, device), requires_grad=requires_grad)
+    conv.bias = nn.Parameter(spec.bias.to(device=device, dtype=dtype, copy=True),
                              requires_grad=requires_grad)
     return conv.eval()
 
@@ -106,9 +137,18 @@ def keep_plain_attributes(old: nn.Module, new: nn.Module) -> nn.Module:
     ``num_classes``...) that code outside ``forward`` may read, where ``new`` has no such
     attribute of its own."""
     for name, value in vars(old).items():
-        if not name.startswith("_") and isinstance(value, _PLAIN) and not hasattr(new, name):
-            setattr(new, name, value)
+        if not name.startswith("_") and isinstance(value, _PLAIN) and not _has(new, name):
+            # what nn.Module.__setattr__ does for a plain new name; containers are copied,
+            # since ``old`` may be the given model's own module, lent to the pass
+            vars(new)[name] = copy.deepcopy(value) if isinstance(value, (list, dict)) else value
     return new
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    """``hasattr`` for a module of torch's own classes, without raising (and catching) the
+    ``AttributeError`` of ``nn.Module.__getattr__`` for every missing name."""
+    return (name in vars(module) or hasattr(type(module), name) or name in module._parameters
+            or name in module._buffers or name in module._modules)
 
 
 def _chain(graph: fx.Graph) -> list[str] | None:

@@ -2,25 +2,23 @@
 
 The runtime itself (:mod:`deployplug.runtimes.msnhnet`) knows nothing about the writer; this
 module is the runner the verification uses: it loads both files through the bounded loader
-once for all samples, loops over the batch the files were written for, and maps layers back
-to graph nodes for the layer-by-layer comparison.
+once for all samples and loops over the batch the files were written for; the layer-by-layer
+comparison is :mod:`deployplug.runtimes.msnhnet_layers`.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from deployplug.capture import capture, evaluate
+from deployplug.capture import Graph
 from deployplug.errors import ArtifactFormatError
 from deployplug.exporters.base import FormatRecord
 from deployplug.exporters.msnhnet import GRAPH_FILE, WEIGHTS_FILE
+from deployplug.layer_profile import LayerProfile
 from deployplug.runtimes import Runner, register_runner
 from deployplug.runtimes import msnhnet as runtime
 
@@ -75,45 +73,15 @@ class MsnhNetRunner(Runner):
         model = runtime.load(Path(out_dir) / GRAPH_FILE, Path(out_dir) / WEIGHTS_FILE)
         return [[run_files(Path(out_dir), record.info, inputs[0], model)] for inputs in samples]
 
-    def first_divergence(self, out_dir: Path, record: FormatRecord, model: nn.Module,
-                         inputs: Sequence[np.ndarray], tolerance: float) -> str | None:
-        """The first graph node whose MsnhNet layer output departs from PyTorch's value.
+    def layer_profile(self, out_dir: Path, record: FormatRecord, graph: Graph,
+                      inputs: Sequence[np.ndarray], tolerance: float, source: str = "verify",
+                      reference: dict[str, Any] | None = None) -> LayerProfile | None:
+        """Per-layer errors of every layer holding a node (see :mod:`.msnhnet_layers`)."""
+        from deployplug.runtimes import msnhnet_layers
 
-        PyTorch's values come from the graph that was lowered when it is still in memory,
-        otherwise from re-capturing ``model``; a model whose graph differs from the lowered
-        one (say, before fusion) cannot be mapped to layers, and ``None`` is returned.
-        """
-        node_layers: dict[str, int] = record.info.get("node_layers", {})
-        if not node_layers or len(inputs) != 1:
-            return None
-        net = runtime.load(Path(out_dir) / GRAPH_FILE, Path(out_dir) / WEIGHTS_FILE)
-        x = np.asarray(inputs[0], dtype=np.float32)[: net.batch]
-        xt = torch.from_numpy(x.copy())
-        graph = record.graph
-        if graph is None:
-            with torch.no_grad():
-                graph = capture(copy.deepcopy(model).cpu().eval(), (xt,))
-            if [[n.name, n.op] for n in graph.nodes] != record.info.get("graph_ops"):
-                return None
-        try:
-            with torch.no_grad():
-                values = evaluate(graph, [xt])
-        except Exception:  # an op torch cannot replay from the normalized graph
-            return None
-        outs = net.run(x.reshape((net.batch,) + net.in_shape), keep_all=True)
-        for node in graph.nodes:
-            idx = node_layers.get(node.name)
-            ref = values.get(node.name)
-            if idx is None or not isinstance(ref, torch.Tensor) or net.layers[idx].opaque:
-                continue
-            got = outs[idx]
-            if got.size != ref.numel():
-                continue
-            ref_np = ref.detach().numpy().reshape(got.shape)
-            scale = max(float(np.abs(ref_np).max()), 1e-12)
-            if float(np.abs(got - ref_np).max()) / scale > tolerance:
-                return f"{node.name} ({node.op} at '{node.where}', layer {idx})"
-        return None
+        return msnhnet_layers.layer_profile(Path(out_dir) / GRAPH_FILE,
+                                            Path(out_dir) / WEIGHTS_FILE, record.info, graph,
+                                            inputs, tolerance, source, reference)
 
 
 register_runner(MsnhNetRunner())

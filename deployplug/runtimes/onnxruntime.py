@@ -13,13 +13,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
-from torch import nn
 
+from deployplug.capture import Graph
 from deployplug.errors import ArtifactFormatError
 from deployplug.exporters.base import FormatRecord
-from deployplug.exporters.onnx import module_scope_outputs
-from deployplug.numerics import normalized_error
+from deployplug.layer_profile import LayerProfile
 from deployplug.onnx_model import check_model, load_checked, parse_model
 from deployplug.runtimes import Runner, register_runner
 
@@ -67,25 +65,6 @@ def make_session(path: Path, threads: int = 0) -> Any:
     return _session(_onnxruntime(), model, path.name, threads)
 
 
-def leaf_module_outputs(model: nn.Module, inputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """Every leaf module's (single tensor) output, in call order, by module path."""
-    outputs: dict[str, np.ndarray] = {}
-    handles = []
-    for path, module in model.named_modules():
-        if path and not any(True for _ in module.children()):
-            def hook(_m: nn.Module, _args: Any, out: Any, path: str = path) -> None:
-                if isinstance(out, torch.Tensor):
-                    outputs.setdefault(path, out.detach().cpu().numpy())
-            handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*[torch.from_numpy(np.ascontiguousarray(a)) for a in inputs])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outputs
-
-
 class OnnxRunner(Runner):
     """The file named first in the record, in one onnxruntime session for all samples."""
 
@@ -99,41 +78,55 @@ class OnnxRunner(Runner):
         return [list(session.run(None, dict(zip(names, inputs, strict=True))))
                 for inputs in samples]
 
-    def first_divergence(self, out_dir: Path, record: FormatRecord, model: nn.Module,
-                         inputs: Sequence[np.ndarray], tolerance: float) -> str | None:
-        """Compare every leaf module's output with the ONNX value its scope produced.
+    def layer_profile(self, out_dir: Path, record: FormatRecord, graph: Graph,
+                      inputs: Sequence[np.ndarray], tolerance: float, source: str = "verify",
+                      reference: dict[str, Any] | None = None) -> LayerProfile | None:
+        """Per-layer errors through the value mapping of :mod:`.onnx_layers`.
 
-        The TorchScript exporter names nodes after the module scope they came from
-        (``/stage1/stage1.0/conv/Conv``), which maps ONNX values back to module paths. The
-        dynamo exporter names nodes differently, so its files are not compared layer by layer.
+        Without a mapping stored in the record (``info["layer_values"]``), one is made from
+        the file and stored there, so the manifest of a fresh export carries it.
         """
-        if self.format != "onnx" or record.info.get("exporter") != "torchscript":
+        from deployplug.runtimes import layer_compare, onnx_layers
+
+        if self.format != "onnx":
             return None
-        proto = load_checked(Path(out_dir) / record.files[0])[0]
-        scope_values = module_scope_outputs(proto)
-        expected = leaf_module_outputs(model, inputs)
-        wanted = [path for path in expected if path in scope_values]
-        if not wanted:
-            return None
-        known = {o.name for o in proto.graph.output}
-        for path in wanted:
-            if scope_values[path] not in known:
-                proto.graph.output.append(onnx.ValueInfoProto(name=scope_values[path]))
-                known.add(scope_values[path])
-        session = make_session_from_bytes(proto.SerializeToString())
-        names = [i.name for i in session.get_inputs()]
-        values = [scope_values[p] for p in wanted]
-        got = session.run(values, dict(zip(names, inputs, strict=True)))
-        for path, value, actual in zip(wanted, values, got, strict=True):
-            ref = expected[path]
-            if actual.shape != ref.shape or (err := normalized_error(actual, ref)) > tolerance:
-                detail = ("shape " + str(list(actual.shape)) + " vs " + str(list(ref.shape))
-                          if actual.shape != ref.shape else f"normalized error {err:.3g}")
-                return f"layer '{path}' (ONNX value {value}): {detail} > {tolerance:g}"
+        proto, _, external = load_checked(Path(out_dir) / record.files[0])
+        if external:
+            return LayerProfile(self.format, source, tolerance, note="a model with external "
+                                "data is not compared layer by layer")
+        if reference is None:
+            reference = layer_compare.reference_values(graph, inputs)
+        mapping = _stored_mapping(record.info.get("layer_values"), proto)
+        known: dict[str, np.ndarray] = {}
+        note = ""
+        if mapping is None:
+            candidates = onnx_layers.candidate_values(proto, graph)
+            nbytes = sum(4 * int(np.prod(n.shape or (1,), dtype=np.int64)) for n in graph.nodes)
+            known, stopped, error = onnx_layers.run_values(proto, inputs, candidates, nbytes)
+            mapping = onnx_layers.map_values(proto, graph, known, reference)
+            record.info["layer_values"] = mapping
+            record.info["graph_ops"] = layer_compare.graph_ops(graph)
+            if source != "export":
+                note = ("no mapping was recorded at export; this one was made from the file "
+                        "as it is now")
+        got = onnx_layers.evaluate_mapping(proto, graph, inputs, mapping, known)
+        rows = onnx_layers.mapped_layers(proto, graph, mapping)
+        return layer_compare.build_profile(
+            self.format, source, graph, rows, reference, got, tolerance,
+            record.info.get("decomposed") or [], strict_shapes=True, note=note)
+
+
+def _stored_mapping(value: Any, proto: onnx.ModelProto) -> dict[str, str] | None:
+    """The recorded node -> value mapping, keeping only values the file still has."""
+    if not isinstance(value, dict) or not value:
         return None
+    names = {out for n in proto.graph.node for out in n.output} | {
+        i.name for i in proto.graph.input}
+    return {k: v for k, v in value.items()
+            if isinstance(k, str) and isinstance(v, str) and v in names}
 
 
 register_runner(OnnxRunner("onnx"))
 register_runner(OnnxRunner("onnx_int8"))
 
-__all__ = ["OnnxRunner", "leaf_module_outputs", "make_session", "make_session_from_bytes"]
+__all__ = ["OnnxRunner", "make_session", "make_session_from_bytes"]

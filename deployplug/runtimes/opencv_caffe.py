@@ -12,18 +12,15 @@ never changed), and every adaptation is reported back:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from google.protobuf import text_format
-from torch import nn
 
-from deployplug.capture import Graph, capture, evaluate
+from deployplug.capture import Graph
 from deployplug.errors import ArtifactFormatError
 from deployplug.exporters.base import FormatRecord
 from deployplug.exporters.caffe.net import nearest_deconv_param
@@ -34,8 +31,8 @@ from deployplug.exporters.caffe.writer import (
     read_caffemodel,
     read_prototxt,
 )
+from deployplug.layer_profile import LayerProfile
 from deployplug.limits import INT32_MAX, current
-from deployplug.numerics import normalized_error
 from deployplug.runtimes import Runner, caffe_bounds, register_runner
 
 _RESHAPES = ("Reshape", "Flatten")
@@ -84,14 +81,28 @@ def prepare(prototxt: Path, caffemodel: Path, dialect: str = "bvlc",
     ``extra_outputs`` are blob names that must be retrievable by name afterwards; blobs that are
     not the first top of a same-named layer get an identity Power layer named after them.
     """
-    cv2 = _cv2()
+    net, weights, weight_bytes = read_checked(prototxt, caffemodel, dialect)
+    source = f"{Path(prototxt).name} + {Path(caffemodel).name}"
+    return prepare_parsed(net, weights, weight_bytes, source, upsample_channels, extra_outputs)
+
+
+def read_checked(prototxt: Path, caffemodel: Path, dialect: str = "bvlc") -> tuple[Any, Any, int]:
+    """Both files parsed and bounds-checked: ``(net, weights, weight bytes)``."""
     limits = current()
     net = read_prototxt(prototxt, dialect)
     weights = read_caffemodel(caffemodel, dialect)
-    source = f"{Path(prototxt).name} + {Path(caffemodel).name}"
     weight_bytes = caffe_bounds.check_net(net, Path(prototxt).name, limits)
     weight_bytes += caffe_bounds.check_net(weights, Path(caffemodel).name, limits)
-    limits.check_total(weight_bytes, source)
+    limits.check_total(weight_bytes, f"{Path(prototxt).name} + {Path(caffemodel).name}")
+    return net, weights, weight_bytes
+
+
+def prepare_parsed(net: Any, weights: Any, weight_bytes: int, source: str,
+                   upsample_channels: Mapping[str, int] | None = None,
+                   extra_outputs: Sequence[str] = ()) -> PreparedNet:
+    """:func:`prepare` on messages already read by :func:`read_checked` (both are changed)."""
+    cv2 = _cv2()
+    limits = current()
     notes: list[str] = []
 
     for layer in net.layer:
@@ -246,38 +257,6 @@ def run_samples(prototxt: Path, caffemodel: Path, info: Mapping[str, Any],
         prepared.notes
 
 
-# ----------------------------------------------------------------------------- divergence
-
-
-def first_divergence(prototxt: Path, caffemodel: Path, info: Mapping[str, Any], graph: Graph,
-                     inputs: Sequence[np.ndarray], tolerance: float) -> str | None:
-    """The first graph value (in graph order) whose OpenCV blob departs from PyTorch."""
-    blob_of = dict(info.get("value_blobs", {}))
-    inputs_t = [torch.as_tensor(np.asarray(x, dtype=np.float32)) for x in inputs]
-    ref = evaluate(graph, inputs_t)
-    checked = [n for n in graph.nodes
-               if n.name in blob_of and isinstance(ref.get(n.name), torch.Tensor)
-               and blob_of[n.name] not in {i["name"] for i in info["inputs"]}]
-    prepared = prepare(prototxt, caffemodel, info.get("dialect", "bvlc"),
-                       info.get("upsample_channels"), [blob_of[n.name] for n in checked])
-    checked = [n for n in checked
-               if blob_of[n.name] not in prepared.removed or blob_of[n.name] in prepared.argmax]
-    names = [i["name"] for i in info["inputs"]]
-    blobs = [blob_of[n.name] for n in checked]
-    shapes = {blob_of[n.name]: tuple(ref[n.name].shape) for n in checked}
-    got = forward(prepared, names, inputs, blobs, shapes)
-    for node, value in zip(checked, got):
-        want = ref[node.name].detach().numpy()
-        if value.shape != want.shape:
-            return (f"layer '{blob_of[node.name]}' ({node.op} at {node.where}): shape "
-                    f"{list(value.shape)} vs PyTorch {list(want.shape)}")
-        err = normalized_error(value, want)
-        if err > tolerance:
-            return (f"layer '{blob_of[node.name]}' ({node.op} at {node.where}): normalized "
-                    f"error {err:.3g} > {tolerance:g}")
-    return None
-
-
 class CaffeRunner(Runner):
     """``model.prototxt`` + ``model.caffemodel`` in OpenCV, loaded once for all samples."""
 
@@ -291,13 +270,15 @@ class CaffeRunner(Runner):
         record.info["runtime_notes"] = notes
         return outputs
 
-    def first_divergence(self, out_dir: Path, record: FormatRecord, model: nn.Module,
-                         inputs: Sequence[np.ndarray], tolerance: float) -> str | None:
-        tensors = tuple(torch.as_tensor(np.asarray(x, dtype=np.float32)) for x in inputs)
-        graph = capture(copy.deepcopy(model).cpu().eval(), tensors)  # the caller's stays as is
-        out_dir = Path(out_dir)
-        return first_divergence(out_dir / PROTOTXT, out_dir / CAFFEMODEL, record.info, graph,
-                                inputs, tolerance)
+    def layer_profile(self, out_dir: Path, record: FormatRecord, graph: Graph,
+                      inputs: Sequence[np.ndarray], tolerance: float, source: str = "verify",
+                      reference: dict[str, Any] | None = None) -> LayerProfile | None:
+        """Per-layer errors of every blob the record maps a node to (see :mod:`.caffe_layers`)."""
+        from deployplug.runtimes import caffe_layers
+
+        return caffe_layers.layer_profile(Path(out_dir) / PROTOTXT, Path(out_dir) / CAFFEMODEL,
+                                          record.info, graph, inputs, tolerance, source,
+                                          reference)
 
 
 register_runner(CaffeRunner())

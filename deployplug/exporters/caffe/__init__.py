@@ -91,7 +91,7 @@ class CaffeExporter(Exporter):
         _write_atomically(Path(out_dir), {writer.PROTOTXT: text.encode(),
                                           writer.CAFFEMODEL: writer.caffemodel_bytes(net)})
         return FormatRecord(self.format, target.name, [writer.PROTOTXT, writer.CAFFEMODEL],
-                            _info(graph, net))
+                            _info(graph, net), graph=graph)
 
 
 def _info(graph: Graph, net: lowering.CaffeNet) -> dict[str, Any]:
@@ -105,6 +105,10 @@ def _info(graph: Graph, net: lowering.CaffeNet) -> dict[str, Any]:
         "outputs": [{"blob": b, "shape": out_shapes.get(o, [])}
                     for o, b in zip(graph.outputs, net.outputs)],
         "value_blobs": net.value_blobs,
+        # which graph node each layer computes, and the graph lowered: the per-layer
+        # comparison maps blobs back to nodes and refuses a model whose graph differs
+        "node_of_layer": {layer.name: layer.node for layer in net.layers if layer.node},
+        "graph_ops": [[node.name, node.op] for node in graph.nodes],
         "blobs": sum(len(layer.blobs) for layer in net.layers),
         "parameters": int(sum(b.size for layer in net.layers for b in layer.blobs)),
     }

@@ -41,6 +41,7 @@ from deployplug.exporters.caffe.net import (
 )
 from deployplug.ops.sizes import caffe_pool_out
 from deployplug.profiles import TargetProfile, get_target, offenders
+from deployplug.profiles.base import registry_agrees
 from deployplug.profiles.caffe import CAFFE, OM
 from deployplug.profiles.caffe_checks import CHECKS
 
@@ -50,15 +51,12 @@ __all__ = ["RULES", "CaffeNet", "Layer", "bilinear_taps", "caffe_pool_out", "low
 _TARGET_OF_DIALECT = {"bvlc": CAFFE, "om": OM}
 
 
-def _registry_matches_target() -> None:
-    """Every op the Caffe targets accept has an emitter, and every emitter a check."""
-    missing, extra = set(CHECKS) - set(RULES), set(RULES) - set(CHECKS)
-    if missing or extra:
-        raise ImportError(f"Caffe emitters and target checks disagree: no emitter for "
-                          f"{sorted(missing)}, no check for {sorted(extra)}")
+def check_registry() -> None:
+    """Every op the target accepts has a lowering here, and every lowering a check."""
+    registry_agrees("Caffe emitters", CHECKS, RULES)
 
 
-_registry_matches_target()
+check_registry()
 
 
 def refusal(node: Node, graph: Graph, dialect: str = "bvlc") -> str | None:

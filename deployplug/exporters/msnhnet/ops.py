@@ -15,20 +15,19 @@ from deployplug.exporters.msnhnet import (  # noqa: F401  (registration)
     shapes,
 )
 from deployplug.exporters.msnhnet.rules import RULES
+from deployplug.profiles.base import registry_agrees
 from deployplug.profiles.msnhnet import MSNHNET
 from deployplug.profiles.msnhnet_checks import CHECKS
 
 __all__ = ["RULES", "refusal"]
 
 
-def _registry_matches_target() -> None:
-    missing, extra = set(CHECKS) - set(RULES), set(RULES) - set(CHECKS)
-    if missing or extra:
-        raise ImportError(f"MsnhNet lowerings and target checks disagree: no lowering for "
-                          f"{sorted(missing)}, no check for {sorted(extra)}")
+def check_registry() -> None:
+    """Every op the target accepts has a lowering here, and every lowering a check."""
+    registry_agrees("MsnhNet lowerings", CHECKS, RULES)
 
 
-_registry_matches_target()
+check_registry()
 
 
 def refusal(node: Node, graph: Graph) -> str | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,12 +33,9 @@ from deployplug.runtimes.msnhnet.parse import parse_text
 MAX_GRAPH_TEXT_BYTES = 4 << 20
 
 
-def build(text: str, source: str = "<msnhnet>") -> MsnhNetModel:
-    """Parse and shape-check a ``.msnhnet`` text (weights not loaded).
-
-    Declared sizes are checked against the tensor budget of :mod:`deployplug.limits` before
-    anything is allocated, so a hostile file fails here with an ``ArtifactFormatError``.
-    """
+def parse_network(text: str, source: str = "<msnhnet>"
+                  ) -> tuple[int, tuple[int, int, int], list[Any]]:
+    """``(batch, (channels, height, width), raw layer entries)`` of a ``.msnhnet`` text."""
     entries = parse_text(text, source)
     config, raw_layers = entries[0], entries[1:]
     f = Fields(config, f"{source}: [config]")
@@ -47,6 +45,16 @@ def build(text: str, source: str = "<msnhnet>") -> MsnhNetModel:
     if batch < 1 or min(shape) < 1:
         raise ArtifactFormatError(f"{source}: config needs batch, channels, height, width >= 1, "
                                   f"got batch {batch} and C,H,W {shape}")
+    return batch, shape, list(raw_layers)
+
+
+def build(text: str, source: str = "<msnhnet>") -> MsnhNetModel:
+    """Parse and shape-check a ``.msnhnet`` text (weights not loaded).
+
+    Declared sizes are checked against the tensor budget of :mod:`deployplug.limits` before
+    anything is allocated, so a hostile file fails here with an ``ArtifactFormatError``.
+    """
+    batch, shape, raw_layers = parse_network(text, source)
     if not raw_layers:
         raise ArtifactFormatError(f"{source}: the network has no layers")
     try:
@@ -126,4 +134,5 @@ def load(msnhnet_path: str | Path, msnhbin_path: str | Path) -> MsnhNetModel:
 
 
 __all__ = ["ACTIVATIONS", "MAX_GRAPH_TEXT_BYTES", "Layer", "MsnhNetModel", "attach_weights",
-           "build", "load", "parse_activation", "read_graph_text", "read_weights"]
+           "build", "load", "parse_activation", "parse_network", "read_graph_text",
+           "read_weights"]
