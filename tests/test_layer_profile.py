@@ -402,3 +402,43 @@ def test_verify_layers_on_a_failing_directory_says_where_to_look(functional, tmp
     out = capsys.readouterr().out
     assert "onnx: per-layer normalized error" in out
     assert "recorded at export, when the files passed" in out
+
+
+def test_the_msnhnet_profile_reuses_the_verification_run_only_for_the_same_files(
+        functional, tmp_path, monkeypatch) -> None:
+    """The runtime computes every layer anyway: the run that verified the example hands its
+    layer outputs to the profile, but only for the same files and the same input."""
+    from deployplug.deploy_graph import rebuild_graphs
+    from deployplug.exporters.base import FormatRecord
+    from deployplug.manifest import load_manifest
+    from deployplug.runtimes import get_runner
+
+    net, source = functional
+    directory = tmp_path / "copy"
+    shutil.copytree(source, directory)
+    manifest = load_manifest(directory)
+    record = FormatRecord.from_dict(manifest.formats["msnhnet"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    rebuilt = rebuild_graphs(net, [record], manifest.stages, manifest.extra,
+                             (torch.from_numpy(x),), 1e-5)
+    graph = rebuilt.graphs["msnhnet"]
+    runner = get_runner("msnhnet")
+    fresh = runner.layer_profile(directory, record, graph, [x], 1e-5)
+    from deployplug.runtimes import msnhnet_layers
+
+    runner.run_samples(directory, record, [[x]])
+    with monkeypatch.context() as patch:
+        patch.setattr(msnhnet_layers, "evaluate", lambda *a: pytest.fail("ran the net again"))
+        reused = runner.layer_profile(directory, record, graph, [x], 1e-5)
+    assert [(r.node, r.error) for r in reused.rows] == [(r.node, r.error) for r in fresh.rows]
+    # another input, or files touched since the run: the network runs again
+    runner.run_samples(directory, record, [[x + 1]])
+    assert runner.layer_profile(directory, record, graph, [x], 1e-5).rows == fresh.rows
+    runner.run_samples(directory, record, [[x]])
+    weights = directory / "model.msnhbin"
+    weights.write_bytes(weights.read_bytes())  # same content, new mtime
+    calls = []
+    real = msnhnet_layers.evaluate
+    monkeypatch.setattr(msnhnet_layers, "evaluate", lambda *a: calls.append(1) or real(*a))
+    runner.layer_profile(directory, record, graph, [x], 1e-5)
+    assert calls == [1]
