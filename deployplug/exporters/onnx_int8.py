@@ -101,7 +101,7 @@ class OnnxInt8Exporter(Exporter):
         if len(candidates) > 1 and int8_runner is None:
             raise ConfigError("int8_repair='auto' picks a repair by running each candidate: "
                               "pass int8_runner=deployplug.runtimes.get_runner('onnx_int8') "
-                              "(dp.quant.export_int8 does), or name the repair")
+                              "(dp.export does), or name the repair")
         settings = BuildSettings(weights, max_drop, report_top_k, sensitivity_samples,
                                  list(input_names) if input_names else None,
                                  list(output_names) if output_names else None)
