@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV="${VENV:-.venv}"
+# Each run adds a new logs/version_N (nothing earlier is deleted); the summary reads the newest.
 RUN_DIR="runs/repvgg_digits"
-rm -rf "$RUN_DIR"
 "$VENV/bin/deployplug" fit --config configs/repvgg_digits.yaml
 "$VENV/bin/python" scripts/demo_summary.py "$RUN_DIR"
