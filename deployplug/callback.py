@@ -183,6 +183,7 @@ class DeployCallback(Callback):
         if parity_batches is not None and parity_batches < 1:
             raise ConfigError(f"parity_batches must be None (all) or >= 1, got {parity_batches}")
         self.int8 = _int8_settings(int8, self.formats)
+        self._wants_int8 = bool(_int8_formats(self.formats))
         self.target = target
         self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         self.dirpath = dirpath
@@ -293,9 +294,9 @@ class DeployCallback(Callback):
         # before the datamodule's own teardown may release its data.
         self._final_pending = True
         if trainer.is_global_zero and (self.validation_parity or self.validation_samples
-                                       or INT8_FORMAT in self.formats):
+                                       or self._wants_int8):
             self._final_loader = validation_loader(trainer)
-        if trainer.is_global_zero and INT8_FORMAT in self.formats:
+        if trainer.is_global_zero and self._wants_int8:
             self._train_loader = train_loader(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -479,7 +480,7 @@ class DeployCallback(Callback):
                                       self.validation_samples)
             subject = self._subject(lit, [example, *real])
             data = self._int8_data(train_loader(trainer), validation_loader(trainer)) \
-                if INT8_FORMAT in self.formats else None
+                if self._wants_int8 else None
             self._export(trainer, subject, tag, example, real, info.metadata(), source=best,
                          int8_data=data)
 
@@ -559,7 +560,7 @@ class DeployCallback(Callback):
 
     def _int8_data(self, train: Any, val: Any) -> Any:
         """The run's calibration and evaluation batches, when ``onnx_int8`` is exported."""
-        if INT8_FORMAT not in self.formats:
+        if not self._wants_int8:
             return None
         from deployplug.int8_data import gather
 
@@ -617,7 +618,12 @@ class DeployCallback(Callback):
 
 # --------------------------------------------------------------------------- helpers
 
-INT8_FORMAT = "onnx_int8"
+def _int8_formats(formats: Sequence[str]) -> list[str]:
+    """The int8 formats among ``formats`` (unknown names are left to pre-flight to report)."""
+    from deployplug.exporters import formats as known
+    from deployplug.exporters import statistical_formats
+
+    return statistical_formats(f for f in formats if f in known())
 
 
 def _int8_settings(int8: dict[str, Any] | None, formats: Sequence[str]) -> dict[str, Any] | None:
@@ -628,8 +634,8 @@ def _int8_settings(int8: dict[str, Any] | None, formats: Sequence[str]) -> dict[
     """
     if int8 is None:
         return None
-    if INT8_FORMAT not in formats:
-        raise ConfigError(f"int8= configures the '{INT8_FORMAT}' format; add it to formats")
+    if not _int8_formats(formats):
+        raise ConfigError("int8= configures the int8 format (onnx_int8); add it to formats")
     from deployplug.quant.options import Int8Options
 
     given = dict(int8)

@@ -171,6 +171,13 @@ def _export_parser() -> _Parser:
     return parser
 
 
+def _int8_formats(settings: Any) -> list[str]:
+    """The int8 formats asked for: they need the config's training and validation data."""
+    from deployplug.exporters import statistical_formats
+
+    return statistical_formats(settings.formats)
+
+
 def _int8_overrides(settings: Any, opts: argparse.Namespace) -> None:
     """Fold the --int8-* flags into the config's int8 settings (flags win)."""
     from deployplug.errors import ConfigError
@@ -178,7 +185,7 @@ def _int8_overrides(settings: Any, opts: argparse.Namespace) -> None:
     flags = {"weights": opts.int8_weights, "repair": opts.int8_repair,
              "max_drop": opts.int8_max_drop}
     given = {k: v for k, v in flags.items() if v is not None}
-    if given and "onnx_int8" not in settings.formats:
+    if given and not _int8_formats(settings):
         raise ConfigError("--int8-* flags configure the onnx_int8 format: add it to --formats")
     if given:
         settings.int8 = {**(settings.int8 or {}), **given}
@@ -238,7 +245,7 @@ def _run_export(opts: argparse.Namespace) -> tuple[Any, Any]:
         try:
             datamodule = datamodule_from_checkpoint(state, ckpt)
         except CheckpointLoadError as exc:
-            if settings.validation_parity or "onnx_int8" in settings.formats:
+            if settings.validation_parity or _int8_formats(settings):
                 raise
             print(f"note: verifying without validation inputs: {one_line(exc)}",
                   file=sys.stderr)
@@ -260,7 +267,7 @@ def _run_export(opts: argparse.Namespace) -> tuple[Any, Any]:
                               "exported submodule (--accept-submodule-mismatch) computes "
                               "something else")
     int8_data = None
-    if "onnx_int8" in settings.formats:
+    if _int8_formats(settings):
         int8_data = _int8_data(datamodule, loader, shapes, settings)
     manifest = export_subject(subject, example, real, out_dir, settings, info.metadata(),
                               int8_data)

@@ -119,10 +119,10 @@ class Manifest:
 
     def write(self) -> Path:
         """Write ``manifest.json``, replacing any previous one whole (never half-written)."""
+        from deployplug.outdir import replace_file
+
         path = self.dir / MANIFEST_FILE
-        temporary = path.with_name(f".{MANIFEST_FILE}.partial")
-        temporary.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        os.replace(temporary, path)
+        replace_file(path, (json.dumps(self.to_dict(), indent=2, default=str) + "\n").encode())
         return path
 
     def __str__(self) -> str:

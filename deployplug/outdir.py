@@ -80,6 +80,24 @@ Hook = Callable[[str], None]
 
 # ----------------------------------------------------------------------------- ownership
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling and one rename.
+
+    Readers see the old file or the new one, never half of either; the temporary file is
+    removed when writing fails.
+    """
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def check_output_dir(out_dir: str | os.PathLike[str]) -> Path:
     """Return ``out_dir`` as an absolute path, or raise if deployplug may not write there.
 

@@ -105,22 +105,15 @@ def record_parity(manifest: Any, result: ParityResult) -> None:
     vouches for the new report). Nothing else in the directory changes.
     """
     from deployplug.manifest import describe_files
+    from deployplug.outdir import replace_file
     from deployplug.report_md import REPORT_FILE, render
 
     manifest.extra["parity"] = result.to_dict()
     directory = Path(manifest.dir)
-    _replace(directory / REPORT_FILE, render(manifest))
+    replace_file(directory / REPORT_FILE, render(manifest).encode("utf-8"))
     manifest.files = [f for f in manifest.files if f.get("name") != REPORT_FILE]
     manifest.files += describe_files(directory, [REPORT_FILE])
     manifest.write()
-
-
-def _replace(path: Path, text: str) -> None:
-    import os
-
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from deployplug.errors import (
     ModuleMismatchError,
     VerificationError,
 )
-from deployplug.exporters import get_exporter
+from deployplug.exporters import get_exporter, statistical_formats
 from deployplug.exporters.base import FormatRecord
 from deployplug.io_spec import (
     FlatOutputs,
@@ -278,7 +278,7 @@ def export(
         layer_refs: dict[int, Any] = {}  # PyTorch's per-node values, once per lowered graph
         for outcome in outcomes:
             if report is not None and outcome.record is not None:
-                if int8_job is not None and outcome.fmt == int8_job_format():
+                if int8_job is not None and get_exporter(outcome.fmt).statistical:
                     _judge_int8(outcome, writer.staging, int8_job, report)
                 else:
                     _verify_one(outcome, writer.staging, samples, references, tolerance,
@@ -343,7 +343,7 @@ def write_format(fmt: str, profile: TargetProfile, deploy_model: nn.Module,
                        "input_names": list(in_names)}
         elif fmt == "caffe" and keyed:
             options["output_names"] = list(output_names)
-        elif getattr(get_exporter(fmt), "statistical", False):
+        elif get_exporter(fmt).statistical:
             if int8_job is None:
                 raise ExportFailedError(fmt, "an int8 format needs calibration batches: "
                                         "pass calibration= to export")
@@ -365,25 +365,19 @@ def write_format(fmt: str, profile: TargetProfile, deploy_model: nn.Module,
     return outcome
 
 
-def int8_job_format() -> str:
-    from deployplug.quant.job import FORMAT
-
-    return FORMAT
-
-
 def _int8_job(model: nn.Module, names: list[str], calibration: Any, int8: Any,
               inputs: tuple[torch.Tensor, ...], reference: nn.Module) -> Any:
-    """The checked int8 inputs when ``onnx_int8`` is asked for (else ``None``).
+    """The checked int8 inputs when an int8 format is asked for (else ``None``).
 
     Taken before fusion: the evaluation references are the trained forward's outputs, and the
     training form is kept (one more CPU copy) to trace outliers back to their branches.
     """
     from deployplug.quant.options import Int8Options
 
-    if int8_job_format() not in names:
+    if not statistical_formats(names):
         if calibration is not None or int8 is not None:
-            raise ValueError("calibration= and int8= configure the 'onnx_int8' format, which "
-                             f"is not among the formats {names}")
+            raise ValueError("calibration= and int8= configure the int8 formats (onnx_int8), "
+                             f"none of which is among the formats {names}")
         return None
     from deployplug.quant.job import prepare
 

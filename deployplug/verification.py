@@ -251,13 +251,15 @@ def _compare_all(out_dir: Path, manifest: Manifest, records: list[FormatRecord],
                  report: VerifyReport, int8_max_drop: float | None = None,
                  layers: bool = True) -> None:
     """The numeric part of :func:`verify`, run only on a directory that passed integrity."""
+    from deployplug.exporters import statistical_formats
     from deployplug.int8_verify import judge_directory
 
     samples, references = load_reference(out_dir / REFERENCE_FILE, manifest.inputs,
                                          manifest.outputs)
     if model is not None:
         model = _cpu_eval_copy(model)
-    statistical = [r for r in records if is_statistical(r.format)]
+    judged = set(statistical_formats(r.format for r in records))
+    statistical = [r for r in records if r.format in judged]
     for record in statistical:
         judge_directory(out_dir, record, manifest.inputs, manifest.outputs, model,
                         int8_max_drop, report)
@@ -275,13 +277,6 @@ def _compare_all(out_dir: Path, manifest: Manifest, records: list[FormatRecord],
         names = {r.format for r in records}
         report.layers.update({f: p for f, p in manifest.verification.layers.items()
                               if f in names})
-
-
-def is_statistical(fmt: str) -> bool:
-    """Whether ``fmt`` is judged by decisions on real inputs (int8), not by a tolerance."""
-    from deployplug.exporters import get_exporter
-
-    return bool(getattr(get_exporter(fmt), "statistical", False))
 
 
 def _as_sample(inputs: Any, like: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -558,3 +558,25 @@ def test_two_processes_publish_one_after_the_other(tmp_path, run_worker):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     which_export(out, {"X": 30, "Y": 30})
     assert siblings(out) == []
+
+
+def test_replace_file_is_whole_or_untouched(tmp_path, monkeypatch):
+    """A file deployplug rewrites in place is the old one or the new one, never a mix, and a
+    failed write leaves no temporary file behind."""
+    import os
+
+    from deployplug.outdir import replace_file
+
+    target = tmp_path / "manifest.json"
+    target.write_bytes(b"old")
+    replace_file(target, b"new")
+    assert target.read_bytes() == b"new"
+
+    def refuse(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        replace_file(target, b"newer")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]

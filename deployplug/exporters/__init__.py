@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Iterable
 
 from deployplug.exporters.base import Exporter, FormatRecord
+from deployplug.registry import Registry
 
-_EXPORTERS: dict[str, Exporter] = {}
-_BUILTIN = {"onnx": "deployplug.exporters.onnx", "caffe": "deployplug.exporters.caffe",
-            "msnhnet": "deployplug.exporters.msnhnet",
-            "onnx_int8": "deployplug.exporters.onnx_int8"}
+_EXPORTERS: Registry[Exporter] = Registry(
+    {"onnx": "deployplug.exporters.onnx", "caffe": "deployplug.exporters.caffe",
+     "msnhnet": "deployplug.exporters.msnhnet", "onnx_int8": "deployplug.exporters.onnx_int8"},
+    "unknown format {name}; known formats: {known}")
 
 
 def register_exporter(exporter: Exporter) -> Exporter:
-    _EXPORTERS[exporter.format] = exporter
-    return exporter
+    return _EXPORTERS.register(exporter.format, exporter)
 
 
 def get_exporter(fmt: str) -> Exporter:
-    if fmt not in _EXPORTERS and fmt in _BUILTIN:
-        importlib.import_module(_BUILTIN[fmt])
-    try:
-        return _EXPORTERS[fmt]
-    except KeyError:
-        raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(_BUILTIN)}") from None
+    return _EXPORTERS.get(fmt)
 
 
 def formats() -> list[str]:
-    return list(_BUILTIN)
+    return _EXPORTERS.builtin_names()
 
 
-__all__ = ["Exporter", "FormatRecord", "formats", "get_exporter", "register_exporter"]
+def statistical_formats(names: Iterable[str]) -> list[str]:
+    """The formats among ``names`` judged by decisions on real inputs (int8), not by a
+    tolerance: they need calibration and evaluation batches."""
+    return [name for name in names if get_exporter(name).statistical]
+
+
+__all__ = ["Exporter", "FormatRecord", "formats", "get_exporter", "register_exporter",
+           "statistical_formats"]

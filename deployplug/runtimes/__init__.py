@@ -8,7 +8,6 @@ later without the model.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from deployplug.exporters.base import FormatRecord
+from deployplug.registry import Registry
 
 if TYPE_CHECKING:
     from deployplug.capture import Graph
@@ -74,28 +74,20 @@ class Runner:
         return None if profile is None else profile.describe_culprit()
 
 
-_RUNNERS: dict[str, Runner] = {}
-_BUILTIN = {"onnx": "deployplug.runtimes.onnxruntime",
-            "onnx_int8": "deployplug.runtimes.onnxruntime",
-            "caffe": "deployplug.runtimes.opencv_caffe",
-            "msnhnet": "deployplug.runtimes.msnhnet_files"}
+_RUNNERS: Registry[Runner] = Registry(
+    {"onnx": "deployplug.runtimes.onnxruntime", "onnx_int8": "deployplug.runtimes.onnxruntime",
+     "caffe": "deployplug.runtimes.opencv_caffe", "msnhnet": "deployplug.runtimes.msnhnet_files"},
+    "no runner for format {name}; runners exist for {known}")
 
 
 def register_runner(runner: Runner) -> Runner:
     """Make ``runner`` the one :func:`get_runner` returns for ``runner.format``."""
-    _RUNNERS[runner.format] = runner
-    return runner
+    return _RUNNERS.register(runner.format, runner)
 
 
 def get_runner(fmt: str) -> Runner:
     """The runner for format ``fmt`` (its runtime is imported on first use)."""
-    if fmt not in _RUNNERS and fmt in _BUILTIN:
-        importlib.import_module(_BUILTIN[fmt])
-    try:
-        return _RUNNERS[fmt]
-    except KeyError:
-        raise ValueError(f"no runner for format {fmt!r}; runners exist for "
-                         f"{', '.join(_BUILTIN)}") from None
+    return _RUNNERS.get(fmt)
 
 
 __all__ = ["Runner", "get_runner", "register_runner"]

@@ -14,8 +14,6 @@ and wires them; :mod:`.text` renders the two files. This module checks, lowers a
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from deployplug.exporters.base import Exporter, FormatRecord
 from deployplug.exporters.msnhnet.emit import INPUT, Emitter, NeedInputLayer, canonical
 from deployplug.exporters.msnhnet.ops import RULES
 from deployplug.exporters.msnhnet.text import MLayer, render_bin, render_text
+from deployplug.outdir import replace_file
 from deployplug.profiles import TargetProfile
 from deployplug.profiles import offenders as profile_offenders
 from deployplug.profiles.msnhnet import MSNHNET
@@ -99,17 +98,6 @@ def lower(graph: Graph) -> Emitter:
     raise ExportFailedError("msnhnet", "lowering could not place the input in a layer")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_files(graph: Graph, out_dir: Path) -> dict[str, Any]:
     """Lower ``graph`` and write both files; returns the facts for the manifest."""
     found = offenders(graph)
@@ -128,8 +116,8 @@ def write_files(graph: Graph, out_dir: Path) -> dict[str, Any]:
         raise ExportFailedError("msnhnet", f"the lowered network is not valid: {exc}") from exc
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / GRAPH_FILE, text.encode())
-    _atomic_write(out_dir / WEIGHTS_FILE, blob)
+    replace_file(out_dir / GRAPH_FILE, text.encode())
+    replace_file(out_dir / WEIGHTS_FILE, blob)
     out_value = graph.output_values[0] if graph.output_values else None
     return {
         "layers": len(em.layers),
