@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8_recipe import (  # noqa: E402
     CALIBRATION,
     CONFIG,
+    Int8Files,
     batches,
     datamodule,
     load_checkpoint,
@@ -43,57 +44,18 @@ from int8_recipe import (  # noqa: E402
 )
 
 import deployplug as dp  # noqa: E402
-from deployplug.onnx_model import load_checked  # noqa: E402
-from deployplug.quant.build import _export_fp32  # noqa: E402
-from deployplug.quant.calibration import collect_batches  # noqa: E402
-from deployplug.quant.ort_quant import nodes_for, quantize, scope_nodes  # noqa: E402
-from deployplug.runtimes.onnxruntime import make_session  # noqa: E402
+from deployplug.quant.build import _kl  # noqa: E402  (the measure keep_float ranks by)
 
 PICKS = 5
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(1, keepdims=True)
-    return x - np.log(np.exp(x).sum(1, keepdims=True))
-
-
 def measures(scores: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Label-free distances of int8 class scores from the fp32 ones (lower is closer)."""
-    ref_log = log_softmax(reference)
     return {
-        "kl": float((np.exp(ref_log) * (ref_log - log_softmax(scores))).sum(1).mean()),
+        "kl": _kl(scores, reference),
         "mse": float(((scores - reference) ** 2).mean() / (reference ** 2).mean()),
         "disagree": float((scores.argmax(1) != reference.argmax(1)).mean()),
     }
-
-
-class Files:
-    """Per-tensor int8 files of one fused net with chosen layers in float, run and cached."""
-
-    def __init__(self, fused: torch.nn.Module, calib: list[torch.Tensor],
-                 xv: torch.Tensor, work: Path):
-        self.batches = collect_batches(calib, None)
-        self.work = work
-        self.fp32, self.names = _export_fp32(fused, self.batches.first_sample(), work,
-                                             None, None)
-        self.proto = load_checked(self.fp32)[0]
-        self.layers = sorted(scope_nodes(self.proto))
-        self.xc = torch.cat(calib).numpy()
-        self.xv = xv.numpy()
-        self.cache: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
-
-    def run(self, keep: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Class scores on the calibration and the validation images."""
-        key = tuple(sorted(keep))
-        if key not in self.cache:
-            out = self.work / "candidate.onnx"
-            quantize(self.fp32, out, self.batches, self.names, per_channel=False,
-                     exclude_nodes=nodes_for(self.proto, list(key)),
-                     cache_path=self.work / "ranges")
-            session = make_session(out)
-            self.cache[key] = (session.run(None, {self.names[0]: self.xc})[0],
-                               session.run(None, {self.names[0]: self.xv})[0])
-        return self.cache[key]
 
 
 def greedy(layers: list[str], score: Callable[[list[str]], float]) -> list[str]:
@@ -111,14 +73,18 @@ def compare(net: torch.nn.Module, work: Path) -> None:
     calib = batches(dm.train_set.tensors[0][:CALIBRATION])
     xv, yv = dm.val_set.tensors
     fused = dp.reparameterize(net)
-    files = Files(fused, calib, xv, work)
+    xc = torch.cat(calib)
+    files = Int8Files(fused, calib, {"calib": xc.numpy(), "val": xv.numpy()}, work)
     with torch.no_grad():
-        reference = fused(torch.from_numpy(files.xc)).numpy()
+        reference = fused(xc).numpy()
         fp32_acc = float((fused(xv).argmax(1) == yv).float().mean())
     labels = yv.numpy()
 
     def accuracy(keep: list[str]) -> float:
-        return float((files.run(keep)[1].argmax(1) == labels).mean())
+        return float((files.scores(keep)["val"].argmax(1) == labels).mean())
+
+    def closeness(keep: list[str]) -> dict[str, float]:
+        return measures(files.scores(keep)["calib"], reference)
 
     base = accuracy([])
     drop = fp32_acc - base
@@ -127,12 +93,12 @@ def compare(net: torch.nn.Module, work: Path) -> None:
     if drop <= 0:
         print("no drop to recover")
         return
-    alone = {p: measures(files.run([p])[0], reference) for p in files.layers}
+    alone = {p: closeness([p]) for p in files.layers}
     picks: dict[str, list[str]] = {}
     for key in ("kl", "mse", "disagree"):
         picks[f"{key}, alone"] = sorted(files.layers, key=lambda p: (alone[p][key], p))[:PICKS]
-        picks[f"{key}, greedy"] = greedy(
-            files.layers, lambda keep, key=key: measures(files.run(keep)[0], reference)[key])
+        picks[f"{key}, greedy"] = greedy(files.layers,
+                                         lambda keep, key=key: closeness(keep)[key])
     by_accuracy = {p: accuracy([p]) for p in files.layers}
     picks["validation accuracy, alone (reads labels)"] = sorted(
         files.layers, key=lambda p: (-by_accuracy[p], p))[:PICKS]

@@ -32,9 +32,11 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -72,8 +74,12 @@ def lit_module(cfg: dict[str, Any], model: str, kwargs: dict[str, Any],
 
 
 def train(cfg: dict[str, Any], model: str, kwargs: dict[str, Any], epochs: int,
-          seed: int, lr: float | None) -> ClassifierModule:
-    """``deployplug fit`` with the recipe's settings, minus checkpoints, loggers and export."""
+          seed: int, lr: float | None, callbacks: Sequence[Any] = (),
+          **trainer_options: Any) -> ClassifierModule:
+    """``deployplug fit`` with the recipe's settings, minus checkpoints, loggers and export.
+
+    ``trainer_options`` (``gradient_clip_val``, ...) and ``callbacks`` go to the Trainer.
+    """
     import pytorch_lightning as pl
 
     pl.seed_everything(seed, workers=True)
@@ -82,7 +88,8 @@ def train(cfg: dict[str, Any], model: str, kwargs: dict[str, Any], epochs: int,
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs,
                          deterministic=t.get("deterministic", True), logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+                         enable_model_summary=False, callbacks=list(callbacks),
+                         **trainer_options)
     trainer.fit(module, datamodule=datamodule(cfg))
     return module
 
@@ -170,32 +177,60 @@ def measure(net: torch.nn.Module, dm: DigitsDataModule, work: Path, tag: str,
     return results
 
 
+class Int8Files:
+    """Per-tensor int8 files of one fused net with chosen layers kept in float.
+
+    Each set of float layers is quantized (calibration ranges cached) and run once on every
+    named input array; the class scores are kept per set.
+    """
+
+    def __init__(self, fused: torch.nn.Module, calib: list[torch.Tensor],
+                 inputs: dict[str, np.ndarray], work: Path):
+        from deployplug.onnx_model import load_checked
+        from deployplug.quant.build import _export_fp32
+        from deployplug.quant.calibration import collect_batches
+        from deployplug.quant.ort_quant import scope_nodes
+
+        self.batches = collect_batches(calib, None)
+        self.work, self.inputs = work, inputs
+        work.mkdir(exist_ok=True)
+        self.fp32, self.names = _export_fp32(fused, self.batches.first_sample(), work,
+                                             None, None)
+        self.proto = load_checked(self.fp32)[0]
+        self.layers = sorted(scope_nodes(self.proto))
+        self.cache: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
+
+    def scores(self, keep: Sequence[str]) -> dict[str, np.ndarray]:
+        """Class scores on each named input array, with the layers ``keep`` in float."""
+        from deployplug.quant.ort_quant import nodes_for, quantize
+        from deployplug.runtimes.onnxruntime import make_session
+
+        key = tuple(sorted(keep))
+        if key not in self.cache:
+            out = self.work / "candidate.onnx"
+            quantize(self.fp32, out, self.batches, self.names, per_channel=False,
+                     exclude_nodes=nodes_for(self.proto, list(key)),
+                     cache_path=self.work / "ranges")
+            session = make_session(out)
+            self.cache[key] = {name: session.run(None, {self.names[0]: x})[0]
+                               for name, x in self.inputs.items()}
+        return self.cache[key]
+
+
 def oracle_top5(net: torch.nn.Module, calib: list[torch.Tensor], xv: torch.Tensor,
                 yv: torch.Tensor, work: Path, pool: int = 12) -> dict[str, Any]:
     """Five float layers chosen by validation accuracy itself, which no method can do (it
     reads the answers), as a ceiling for the label-free rankings: picked greedily, and the
     best of every five-layer set among the ``pool`` layers that help most alone."""
     import deployplug as dp
-    from deployplug.onnx_model import load_checked
-    from deployplug.quant.build import _export_fp32
-    from deployplug.quant.calibration import collect_batches
-    from deployplug.quant.ort_quant import nodes_for, quantize, scope_nodes
-    from deployplug.runtimes.onnxruntime import make_session
 
     fused = dp.reparameterize(net)
-    batches = collect_batches(calib, None)
-    directory = work / "oracle"
-    directory.mkdir(exist_ok=True)
-    fp32, names = _export_fp32(fused, batches.first_sample(), directory, None, None)
-    proto = load_checked(fp32)[0]
-    layers = sorted(scope_nodes(proto))
+    files = Int8Files(fused, calib, {"val": xv.numpy()}, work / "oracle")
+    layers = files.layers
+    labels = yv.numpy()
 
     def accuracy(keep: list[str]) -> float:
-        out = directory / "candidate.onnx"
-        quantize(fp32, out, batches, names, per_channel=False,
-                 exclude_nodes=nodes_for(proto, keep), cache_path=directory / "ranges")
-        scores = make_session(out).run(None, {names[0]: xv.numpy()})[0]
-        return float((scores.argmax(1) == yv.numpy()).mean())
+        return float((files.scores(keep)["val"].argmax(1) == labels).mean())
 
     with torch.no_grad():
         fp32_acc = float((fused(xv).argmax(1) == yv).float().mean())

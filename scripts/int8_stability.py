@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from int8_recipe import CALIBRATION, CONFIG, batches, datamodule, lit_module, recipe  # noqa: E402
+from int8_recipe import CALIBRATION, CONFIG, batches, datamodule, recipe, train  # noqa: E402
 
 import deployplug as dp  # noqa: E402
 from deployplug.blocks import RepVGGBlock  # noqa: E402
@@ -50,36 +50,26 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 BLOCKS = {"plain": {}, "quant_friendly": {"quant_friendly": True}}
 TRAINER_KEYS = ("gradient_clip_val", "max_epochs")
+EPOCHS = 6  # the digits recipe's length for RepVGG-A0 (README, INT8)
 
 
-class LossLog:
-    """Per-step training losses, kept by a Lightning callback built in :func:`train`."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-
-def train(cfg: dict[str, Any], changes: dict[str, Any], block: str, seed: int,
-          log: LossLog) -> torch.nn.Module:
+def train_logged(cfg: dict[str, Any], changes: dict[str, Any], block: str, seed: int,
+                 losses: list[float]) -> torch.nn.Module:
+    """:func:`int8_recipe.train` under the variant's ``changes``, appending each step's loss."""
     import pytorch_lightning as pl
 
     class Record(pl.Callback):
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                                batch_idx: int) -> None:
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            log.losses.append(float(loss))
+            losses.append(float(loss))
 
     module_changes = {k: v for k, v in changes.items() if k not in TRAINER_KEYS}
     local = dict(cfg, model=dict(cfg["model"], init_args={**cfg["model"]["init_args"],
                                                           **module_changes}))
-    pl.seed_everything(seed, workers=True)
-    module = lit_module(local, "repvgg_a0", BLOCKS[block])
-    trainer = pl.Trainer(accelerator="cpu", devices=1,
-                         max_epochs=changes.get("max_epochs", 6), deterministic=True,
-                         gradient_clip_val=changes.get("gradient_clip_val"), logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[Record()])
-    trainer.fit(module, datamodule=datamodule(local))
+    module = train(local, "repvgg_a0", BLOCKS[block], changes.get("max_epochs", EPOCHS), seed,
+                   None, callbacks=[Record()],
+                   gradient_clip_val=changes.get("gradient_clip_val"))
     return module.net.eval()
 
 
@@ -125,13 +115,13 @@ def main() -> None:
             for block in BLOCKS:
                 rows = []
                 for seed in args.seeds:
-                    log = LossLog()
-                    net = train(cfg, RECIPES[name], block, seed, log)
+                    losses: list[float] = []
+                    net = train_logged(cfg, RECIPES[name], block, seed, losses)
                     row = measure(net, cfg, Path(tmp) / f"{name}_{block}_{seed}")
-                    steps_per_epoch = len(log.losses) // RECIPES[name].get("max_epochs", 6)
+                    steps_per_epoch = len(losses) // RECIPES[name].get("max_epochs", EPOCHS)
                     warm = int(RECIPES[name].get("warmup_epochs", recipe_warmup) * steps_per_epoch)
                     row["seed"] = seed
-                    row["largest_loss_after_warmup"] = max(log.losses[warm + 1:])
+                    row["largest_loss_after_warmup"] = max(losses[warm + 1:])
                     rows.append(row)
                     scale = row["identity_scale"]
                     print(f"{name:9s} {block:14s} seed {seed}: fp32 {100 * row['fp32']:.1f} % "
